@@ -1,0 +1,31 @@
+# Shared settings of e2e/cluster/{up,down} and images/build-oci (sourced, not run).
+# Everything the cluster writes lives under RUN_DIR, except the CNI network namespaces
+# (/var/run/netns/cni-*, chosen by containerd) and the iptables chains of kube-proxy and CNI.
+RUN_DIR=${PDFLEET_CLUSTER_DIR:-/tmp/pdfleet-cluster}
+NODE_NAME=pdfleet-node
+# The node, the API server and the pods all sit on one local bridge that up creates, so no
+# traffic ever needs the host's real interface. Its subnet is the pod network.
+BRIDGE=pdfleet0
+NODE_IP=10.88.0.1
+POD_CIDR=10.88.0.0/16
+SERVICE_CIDR=10.96.0.0/16
+API_URL=https://$NODE_IP:6443
+PROM_URL=http://127.0.0.1:9090
+CTR_SOCK=$RUN_DIR/containerd/containerd.sock
+KUBECONFIG_PATH=$RUN_DIR/kubeconfig
+ctr_() { ctr --address "$CTR_SOCK" --namespace k8s.io "$@"; }
+
+# Pinned tool versions, and the cache folders that e2e/cluster/build fills (one per pin, so a
+# changed pin builds afresh and an unchanged one is never rebuilt).
+_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$_here/../.." && pwd)
+OCI_DIR=${PDFLEET_OCI_DIR:-$REPO_ROOT/target/oci}
+# The Kubernetes pin is the k8s.io/kubernetes require of the wrapper module k8s/go.mod.
+K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v1\./ {print $2; exit}' "$_here/k8s/go.mod")
+HELM_VERSION=v3.19.5      # the helm line made for Kubernetes 1.34
+PROM_VERSION=v0.307.3     # Prometheus 3.7.3 (Go module versions are v0.3XX); Debian's lacks k8s SD
+CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pdfleet
+K8S_BIN=$CACHE_DIR/k8s-$K8S_VERSION/bin
+HELM_BIN=$CACHE_DIR/helm-$HELM_VERSION/bin
+PROM_BIN=$CACHE_DIR/prometheus-$PROM_VERSION/bin
+export PATH=$K8S_BIN:$HELM_BIN:$PROM_BIN:$PATH
