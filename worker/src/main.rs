@@ -1,0 +1,161 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use pdfleet_worker::bench::{Bench, BenchConfig};
+use pdfleet_worker::config::{KvDtype, ModelConfig};
+use pdfleet_worker::vectors;
+
+#[derive(Parser)]
+#[command(
+    name = "pdfleet-worker",
+    version,
+    about = "pdfleet worker: prefill, decode and unified LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks the engine against a golden-vector folder (cases.json + weights.safetensors).
+    CheckVectors {
+        dir: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Largest allowed logit difference; also the margin under which a step is a near-tie.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+    },
+    /// Reproduces the primer's measurements (no cache vs KV cache, prefill, decode) and a sweep.
+    Bench {
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Divide the primer's batch sizes by this (default: 1 on CUDA, 20 on CPU).
+        #[arg(long)]
+        scale: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        block_size: usize,
+        #[arg(long, default_value = "f32")]
+        kv_dtype: KvDtype,
+        #[arg(long, default_value_t = 1)]
+        n_heads: usize,
+        #[arg(long, default_value_t = 1)]
+        n_kv_heads: usize,
+        #[arg(long, default_value_t = 1)]
+        n_layers: usize,
+        #[arg(long, default_value_t = 32)]
+        dim: usize,
+        /// Peak memory bandwidth in GB/s for the decode floor (H200: 4800).
+        #[arg(long, default_value_t = 4800.0)]
+        bandwidth_gbs: f64,
+        /// Also sweep batch size and context length.
+        #[arg(long)]
+        sweep: bool,
+        /// PyTorch figures from `seed_reference.py --out FILE`, measured in the same run.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckVectors {
+            dir,
+            backend,
+            tolerance,
+        } => {
+            let results = vectors::check_dir(&dir, &backend, tolerance)?;
+            let passed = results.iter().filter(|r| r.passed).count();
+            for (i, r) in results.iter().enumerate() {
+                println!(
+                    "case {i:>2}: {} ({})",
+                    if r.passed { "ok" } else { "FAILED" },
+                    r.detail
+                );
+            }
+            println!("{passed} passed, {} failed", results.len() - passed);
+            Ok(if passed == results.len() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Bench {
+            backend,
+            scale,
+            block_size,
+            kv_dtype,
+            n_heads,
+            n_kv_heads,
+            n_layers,
+            dim,
+            bandwidth_gbs,
+            sweep,
+            baseline,
+            json,
+        } => {
+            let backend = if backend == "auto" {
+                if pdfleet_worker::backend::cuda::device_available() {
+                    "cuda"
+                } else {
+                    "cpu"
+                }
+                .to_string()
+            } else {
+                backend
+            };
+            let scale = scale.unwrap_or(if backend == "cuda" { 1 } else { 20 });
+            let model = ModelConfig {
+                dim,
+                n_heads,
+                n_kv_heads,
+                n_layers,
+                kv_dtype,
+                ..Default::default()
+            };
+            let mut bench = Bench::new(BenchConfig {
+                backend,
+                model,
+                block_size,
+                scale,
+                bandwidth_gbs,
+                sweep,
+                seed: 0,
+            })?;
+            bench.run_primer()?;
+            if sweep {
+                bench.run_sweep()?;
+            }
+            if let Some(path) = baseline {
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                bench.compare(&v);
+            }
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&bench.rows)?)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
