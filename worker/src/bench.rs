@@ -2,11 +2,9 @@
 //! context length. Figures, not assertions; ratios against a PyTorch baseline measured in the same
 //! run when one is given (`seed_reference.py --out FILE`).
 
-use std::time::Instant;
-
 use serde::Serialize;
 
-use crate::backend::{self, Backend};
+use crate::backend::{self, Backend, StaticBatch};
 use crate::config::ModelConfig;
 use crate::kv_cache::BlockManager;
 use crate::weights::Weights;
@@ -58,6 +56,17 @@ fn tables(batch: usize, tokens: usize, block_size: usize) -> (Vec<u32>, usize, u
         .map(|_| m.allocate().expect("sized for the batch"))
         .collect();
     (t, per_seq, batch * per_seq)
+}
+
+fn static_batch<'a>(
+    prompts: &'a [u32],
+    batch: usize,
+    new_tokens: usize,
+    block_tables: &'a [u32],
+    max_blocks: usize,
+    recompute: bool,
+) -> StaticBatch<'a> {
+    StaticBatch { prompts, batch, new_tokens, block_tables, max_blocks, recompute }
 }
 
 /// KV bytes decode reads over `steps` steps after a prompt of `prompt_len`: step i attends over
@@ -142,13 +151,14 @@ impl Bench {
         // Warm-up: compiles and loads the kernels, touches the allocator.
         {
             let (mut b, t, per) = self.backend(64, plen + 4)?;
-            b.run_static(&prompts(64, plen, v, 1), 64, 4, &t, per)?;
+            let p = prompts(64, plen, v, 1);
+            b.run_static(&static_batch(&p, 64, 4, &t, per, false))?;
         }
         let p = prompts(gen_batch, plen, v, self.cfg.seed);
 
         // KV cache: prefill once, then one token per step.
         let (mut b, t, per) = self.backend(gen_batch, plen + new)?;
-        let cached = b.run_static(&p, gen_batch, new, &t, per)?;
+        let cached = b.run_static(&static_batch(&p, gen_batch, new, &t, per, false))?;
         self.device = b.name().to_string();
         let secs = cached.prefill_secs + cached.decode_secs;
         self.push(BenchRow {
@@ -164,23 +174,9 @@ impl Bench {
         });
 
         // No cache: every step recomputes the whole sequence, as the primer's first model does.
-        let mut seqs = p.clone();
-        let mut len = plen;
-        let start = Instant::now();
-        let mut nocache_tokens = vec![0u32; gen_batch * new];
-        for step in 0..new {
-            let run = b.run_static(&seqs, gen_batch, 1, &t, per)?;
-            let mut next = Vec::with_capacity(gen_batch * (len + 1));
-            for s in 0..gen_batch {
-                next.extend_from_slice(&seqs[s * len..(s + 1) * len]);
-                next.push(run.tokens[s]);
-                nocache_tokens[s * new + step] = run.tokens[s];
-            }
-            seqs = next;
-            len += 1;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let agree = nocache_tokens == cached.tokens;
+        let nocache = b.run_static(&static_batch(&p, gen_batch, new, &t, per, true))?;
+        let secs = nocache.prefill_secs + nocache.decode_secs;
+        let agree = nocache.tokens == cached.tokens;
         self.push(BenchRow {
             name: format!(
                 "generate, no cache (same tokens: {})",
@@ -200,7 +196,7 @@ impl Bench {
         // Prefill and decode at the large batch.
         let (mut b, t, per) = self.backend(big_batch, plen + new)?;
         let p = prompts(big_batch, plen, v, self.cfg.seed + 1);
-        let run = b.run_static(&p, big_batch, new, &t, per)?;
+        let run = b.run_static(&static_batch(&p, big_batch, new, &t, per, false))?;
         self.push(BenchRow {
             name: "prefill".into(),
             batch: big_batch,
@@ -239,38 +235,33 @@ impl Bench {
         let s = self.cfg.scale;
         let v = self.cfg.model.vocab_size;
         let steps = 8;
-        for &batch in &[1_000 / s, 10_000 / s, 50_000 / s] {
-            for &ctx in &[64usize, 256, 1024] {
+        for batch in [1_000 / s, 10_000 / s, 50_000 / s].map(|b| b.max(1)) {
+            for ctx in [64usize, 256, 1024] {
                 if ctx + steps + 1 > self.cfg.model.max_seq_len {
                     continue;
                 }
-                let (mut b, t, per) = self.backend(batch.max(1), ctx + steps + 1)?;
-                let run = b.run_static(
-                    &prompts(batch.max(1), ctx, v, 3),
-                    batch.max(1),
-                    steps + 1,
-                    &t,
-                    per,
-                )?;
-                let kv = decode_kv_bytes(&self.cfg.model, batch.max(1), ctx, steps);
+                let (mut b, t, per) = self.backend(batch, ctx + steps + 1)?;
+                let p = prompts(batch, ctx, v, 3);
+                let run = b.run_static(&static_batch(&p, batch, steps + 1, &t, per, false))?;
+                let kv = decode_kv_bytes(&self.cfg.model, batch, ctx, steps);
                 self.push(BenchRow {
                     name: "sweep decode".into(),
-                    batch: batch.max(1),
+                    batch: batch,
                     prompt_len: ctx,
                     new_tokens: steps,
                     seconds: run.decode_secs,
-                    tokens_per_s: (batch.max(1) * steps) as f64 / run.decode_secs,
+                    tokens_per_s: (batch * steps) as f64 / run.decode_secs,
                     kv_bytes: Some(kv),
                     kv_gbs: Some(kv / run.decode_secs / 1e9),
                     baseline_key: None,
                 });
                 self.push(BenchRow {
                     name: "sweep prefill".into(),
-                    batch: batch.max(1),
+                    batch: batch,
                     prompt_len: ctx,
                     new_tokens: 1,
                     seconds: run.prefill_secs,
-                    tokens_per_s: (batch.max(1) * ctx) as f64 / run.prefill_secs,
+                    tokens_per_s: (batch * ctx) as f64 / run.prefill_secs,
                     kv_bytes: None,
                     kv_gbs: None,
                     baseline_key: None,

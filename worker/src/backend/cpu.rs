@@ -4,7 +4,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::time::Instant;
 
-use super::{sample_row, Backend, ForwardBatch, ForwardOutput, Sample, StaticRun};
+use super::{sample_row, Backend, ForwardBatch, ForwardOutput, Sample, StaticBatch, StaticRun};
 use crate::config::{KvDtype, ModelConfig};
 use crate::weights::Weights;
 use crate::EngineError;
@@ -300,75 +300,50 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn run_static(
-        &mut self,
-        prompts: &[u32],
-        batch: usize,
-        new_tokens: usize,
-        block_tables: &[u32],
-        max_blocks: usize,
-    ) -> Result<StaticRun, EngineError> {
-        run_static_with_forward(self, prompts, batch, new_tokens, block_tables, max_blocks)
+    fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError> {
+        run_static_with_forward(self, run)
     }
 }
 
 /// A static batch driven through [`Backend::forward`], one call per step.
-pub(crate) fn run_static_with_forward(
-    backend: &mut dyn Backend,
-    prompts: &[u32],
-    batch: usize,
-    new_tokens: usize,
-    block_tables: &[u32],
-    max_blocks: usize,
-) -> Result<StaticRun, EngineError> {
-    let prompt_len = prompts.len() / batch;
-    let bs = backend.block_size() as u32;
-    let slot =
-        |seq: usize, pos: u32| block_tables[seq * max_blocks + (pos / bs) as usize] * bs + pos % bs;
-    let greedy = |token_index: u32, position: u32| Sample {
-        token_index,
-        temperature: 0.0,
-        seed: 0,
-        position,
-    };
-    let mut fb = ForwardBatch {
-        block_tables: block_tables.to_vec(),
-        max_blocks,
-        ..Default::default()
-    };
+pub(crate) fn run_static_with_forward(backend: &mut dyn Backend, run: &StaticBatch) -> Result<StaticRun, EngineError> {
+    let (batch, new_tokens, max_blocks) = (run.batch, run.new_tokens, run.max_blocks);
+    let prompt_len = run.prompts.len() / batch;
+    let stride = prompt_len + new_tokens;
+    let mut matrix = vec![0u32; batch * stride];
     for s in 0..batch {
-        for p in 0..prompt_len as u32 {
-            fb.tokens.push(prompts[s * prompt_len + p as usize]);
-            fb.positions.push(p);
-            fb.slots.push(slot(s, p));
-            fb.token_seq.push(s as u32);
-        }
-        fb.samples
-            .push(greedy(((s + 1) * prompt_len - 1) as u32, prompt_len as u32));
+        matrix[s * stride..s * stride + prompt_len].copy_from_slice(&run.prompts[s * prompt_len..(s + 1) * prompt_len]);
     }
-    let start = Instant::now();
-    let mut last = backend.forward(&fb)?.tokens;
-    let prefill_secs = start.elapsed().as_secs_f64();
-    let mut out = vec![0u32; batch * new_tokens];
+    let bs = backend.block_size() as u32;
+    // Lays out positions start..start+count of every sequence; the last one is sampled.
+    let layout = |matrix: &[u32], start: usize, count: usize| {
+        let mut fb = ForwardBatch { block_tables: run.block_tables.to_vec(), max_blocks, ..Default::default() };
+        for s in 0..batch {
+            for p in start as u32..(start + count) as u32 {
+                fb.tokens.push(matrix[s * stride + p as usize]);
+                fb.positions.push(p);
+                fb.slots.push(run.block_tables[s * max_blocks + (p / bs) as usize] * bs + p % bs);
+                fb.token_seq.push(s as u32);
+            }
+            let last = fb.tokens.len() as u32 - 1;
+            fb.samples.push(Sample { token_index: last, temperature: 0.0, seed: 0, position: (start + count) as u32 });
+        }
+        fb
+    };
+    let mut prefill_secs = 0.0;
     let start = Instant::now();
     for step in 0..new_tokens {
-        for (s, &t) in last.iter().enumerate() {
-            out[s * new_tokens + step] = t;
+        let len = prompt_len + step;
+        let fb = if step == 0 || run.recompute { layout(&matrix, 0, len) } else { layout(&matrix, len - 1, 1) };
+        let tokens = backend.forward(&fb)?.tokens;
+        for (s, t) in tokens.into_iter().enumerate() {
+            matrix[s * stride + len] = t;
         }
-        if step + 1 == new_tokens {
-            break;
+        if step == 0 {
+            prefill_secs = start.elapsed().as_secs_f64();
         }
-        let pos = (prompt_len + step) as u32;
-        fb.tokens = last;
-        fb.positions = vec![pos; batch];
-        fb.slots = (0..batch).map(|s| slot(s, pos)).collect();
-        fb.token_seq = (0..batch as u32).collect();
-        fb.samples = (0..batch as u32).map(|s| greedy(s, pos + 1)).collect();
-        last = backend.forward(&fb)?.tokens;
     }
-    Ok(StaticRun {
-        tokens: out,
-        prefill_secs,
-        decode_secs: start.elapsed().as_secs_f64(),
-    })
+    let decode_secs = start.elapsed().as_secs_f64() - prefill_secs;
+    let tokens = (0..batch).flat_map(|s| matrix[s * stride + prompt_len..(s + 1) * stride].to_vec()).collect();
+    Ok(StaticRun { tokens, prefill_secs, decode_secs })
 }

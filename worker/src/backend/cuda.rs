@@ -9,7 +9,7 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
-use super::{Backend, ForwardBatch, ForwardOutput, StaticRun};
+use super::{Backend, ForwardBatch, ForwardOutput, StaticBatch, StaticRun};
 use crate::config::{KvDtype, ModelConfig};
 use crate::weights::{transpose, Weights};
 use crate::EngineError;
@@ -492,14 +492,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn run_static(
-        &mut self,
-        prompts: &[u32],
-        batch: usize,
-        new_tokens: usize,
-        block_tables: &[u32],
-        max_blocks: usize,
-    ) -> Result<StaticRun, EngineError> {
+    fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError> {
+        let (prompts, batch, new_tokens, max_blocks) = (run.prompts, run.batch, run.new_tokens, run.max_blocks);
         let st = self.stream.clone();
         let prompt_len = prompts.len() / batch;
         let stride = prompt_len + new_tokens;
@@ -509,10 +503,10 @@ impl Backend for CudaBackend {
                 .copy_from_slice(&prompts[s * prompt_len..(s + 1) * prompt_len]);
         }
         let mut matrix = st.clone_htod(&matrix_host).map_err(cuda_err)?;
-        self.s.block_tables.upload(&st, block_tables)?;
+        self.s.block_tables.upload(&st, run.block_tables)?;
         self.s.temps.upload(&st, &vec![0.0f32; batch])?;
         self.s.seeds.upload(&st, &vec![0u64; batch])?;
-        let n_max = batch * prompt_len;
+        let n_max = batch * if run.recompute { stride } else { prompt_len };
         for buf in [
             &mut self.s.tokens,
             &mut self.s.positions,
@@ -565,7 +559,12 @@ impl Backend for CudaBackend {
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for i in 1..new_tokens {
-            step(self, prompt_len + i - 1, 1)?;
+            let len = prompt_len + i;
+            if run.recompute {
+                step(self, 0, len)?;
+            } else {
+                step(self, len - 1, 1)?;
+            }
         }
         st.synchronize().map_err(cuda_err)?;
         let decode_secs = t1.elapsed().as_secs_f64();

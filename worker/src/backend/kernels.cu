@@ -118,8 +118,35 @@ __device__ __forceinline__ float dot_row(const float* q, const kv_t* __restrict_
     return s;
 }
 
-// Causal attention through the block table: one warp per (query row, head). Keys go 32 at a time,
-// one per lane, with an online softmax; then each lane accumulates its dimensions of V.
+// Elements per 16-byte load, and the lanes that share one key when a head is split into such
+// loads. When a head fits that layout, each group of LPK lanes walks its own keys (KPI groups per
+// warp), so one warp instruction reads KPI whole consecutive rows: coalesced, and with the loop
+// unrolled several rows per lane are in flight.
+#if KV_DTYPE == 0
+#define VEC 4
+#else
+#define VEC 8
+#endif
+#define LPK (HD / VEC)
+#define KPI (32 / LPK)
+#define GROUPED (HD % VEC == 0 && LPK <= 32 && 32 % LPK == 0 && KVD % VEC == 0)
+
+__device__ __forceinline__ void load_vec(const kv_t* __restrict__ p, float out[VEC]) {
+#if KV_DTYPE == 0
+    float4 v = __ldg((const float4*)p);
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+#else
+    uint4 v = __ldg((const uint4*)p);
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int j = 0; j < 4; j++) {
+        out[2 * j] = kv_load((kv_t)(w[j] & 0xffffu));
+        out[2 * j + 1] = kv_load((kv_t)(w[j] >> 16));
+    }
+#endif
+}
+
+// Causal attention through the block table: one warp per (query row, head), online softmax.
 extern "C" __global__ void attention_kernel(
     int n_rows, const int* __restrict__ row_token, int all_rows,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
@@ -136,6 +163,47 @@ extern "C" __global__ void attention_kernel(
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
     int kv_off = (h / (NH / NKV)) * HD;
     const float scale = rsqrtf((float)HD);
+#if GROUPED
+    int g = lane / LPK, e = lane % LPK;
+    float qv[VEC], acc[VEC], kx[VEC], vx[VEC];
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) { qv[i] = q[(size_t)r * D + h * HD + e * VEC + i] * scale; acc[i] = 0.f; }
+    float m = NEG_INF, l = 0.f;
+    #pragma unroll 4
+    for (int p = g; p <= pos; p += KPI) {
+        size_t row = (size_t)(table[p / BS] * BS + p % BS) * KVD + kv_off + e * VEC;
+        load_vec(k_cache + row, kx);
+        load_vec(v_cache + row, vx);
+        float s = 0.f;
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) s += qv[i] * kx[i];
+        #pragma unroll
+        for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        float m_new = fmaxf(m, s);
+        float corr = expf(m - m_new), w = expf(s - m_new);
+        l = l * corr + w;
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] = acc[i] * corr + w * vx[i];
+        m = m_new;
+    }
+    // Merge the groups' partial softmaxes (a group with no keys has m = -inf and weighs 0).
+    #pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
+        float m_o = __shfl_xor_sync(FULL_MASK, m, o), l_o = __shfl_xor_sync(FULL_MASK, l, o);
+        float m_new = fmaxf(m, m_o);
+        float a = m == NEG_INF ? 0.f : expf(m - m_new), b = m_o == NEG_INF ? 0.f : expf(m_o - m_new);
+        l = l * a + l_o * b;
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] = acc[i] * a + __shfl_xor_sync(FULL_MASK, acc[i], o) * b;
+        m = m_new;
+    }
+    if (g == 0) {
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) out[(size_t)r * D + h * HD + e * VEC + i] = acc[i] / l;
+    }
+#else
+    // General head sizes: keys 32 at a time, one per lane, then each lane accumulates its
+    // dimensions of V.
     float qv[HD];
     #pragma unroll
     for (int d = 0; d < HD; d++) qv[d] = q[(size_t)r * D + h * HD + d] * scale;
@@ -174,6 +242,7 @@ extern "C" __global__ void attention_kernel(
         int d = lane + 32 * i;
         if (d < HD) out[(size_t)r * D + h * HD + d] = acc[i] / l;
     }
+#endif
 }
 
 __device__ __forceinline__ u64 mix64(u64 z) {

@@ -49,6 +49,19 @@ pub struct ForwardOutput {
 
 /// The primer's measurement shape: `batch` sequences, all with a prompt of the same length,
 /// generating `new_tokens` together with no scheduler in the loop.
+pub struct StaticBatch<'a> {
+    /// `[batch, prompt_len]`, row-major.
+    pub prompts: &'a [u32],
+    pub batch: usize,
+    pub new_tokens: usize,
+    /// `[batch, max_blocks]`: where each sequence's K/V live.
+    pub block_tables: &'a [u32],
+    pub max_blocks: usize,
+    /// Recompute the whole sequence at every step instead of reading the cache: the primer's
+    /// first, cache-less model.
+    pub recompute: bool,
+}
+
 pub struct StaticRun {
     /// `[batch, new_tokens]`
     pub tokens: Vec<u32>,
@@ -71,17 +84,9 @@ pub trait Backend: Send {
     /// The inverse of [`Backend::read_blocks`].
     fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), EngineError>;
 
-    /// Runs a static batch: prefill `prompts` (`[batch, prompt_len]`, row-major), then decode
-    /// `new_tokens - 1` more steps, every sequence reading its K/V through `block_tables`
-    /// (`[batch, max_blocks]`). Timings exclude moving the prompt to the device, as the primer's do.
-    fn run_static(
-        &mut self,
-        prompts: &[u32],
-        batch: usize,
-        new_tokens: usize,
-        block_tables: &[u32],
-        max_blocks: usize,
-    ) -> Result<StaticRun, EngineError>;
+    /// Runs a static batch: prefill, then `new_tokens - 1` decode steps. Timings exclude moving
+    /// the prompts to the device, as the primer's do.
+    fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError>;
 }
 
 /// Bytes one block occupies in one layer's K (or V) pool.
