@@ -23,7 +23,8 @@ OCI_DIR=${PDFLEET_OCI_DIR:-$REPO_ROOT/target/oci}
 # The Kubernetes pin is the k8s.io/kubernetes require of the wrapper module k8s/go.mod.
 K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v1\./ {print $2; exit}' "$_here/k8s/go.mod")
 HELM_VERSION=v3.19.5      # the helm line made for Kubernetes 1.34
-PROM_VERSION=v0.307.3     # Prometheus 3.7.3 (Go module versions are v0.3XX); Debian's lacks k8s SD
+# Prometheus 3.7.3 (Go module version v0.307.3), pinned by the wrapper module prometheus/go.mod.
+PROM_VERSION=$(awk '$1 == "github.com/prometheus/prometheus" {print $2; exit}' "$_here/prometheus/go.mod")
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pdfleet
 K8S_BIN=$CACHE_DIR/k8s-$K8S_VERSION/bin
 HELM_BIN=$CACHE_DIR/helm-$HELM_VERSION/bin
