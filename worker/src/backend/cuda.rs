@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 
 use super::{Backend, ForwardBatch, ForwardOutput, StaticBatch, StaticRun};
@@ -130,6 +130,23 @@ fn project_table(emb: &[f32], w: &[f32], dim: usize) -> Vec<f32> {
     }
     t
 }
+
+/// The kernels' `SampleArgs`: where sampling reads its inputs and writes tokens (and logits).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleArgs {
+    out_t: u64,
+    temps: u64,
+    seeds: u64,
+    gen_pos: u64,
+    logits: u64,
+    want_logits: i32,
+    tokens_out: u64,
+    out_stride: i32,
+}
+
+// SAFETY: plain old data laid out as the C struct in kernels.cu.
+unsafe impl DeviceRepr for SampleArgs {}
 
 /// One warp per item, `WARPS` warps per block.
 fn warp_grid(items: usize) -> LaunchConfig {
@@ -292,7 +309,24 @@ impl CudaBackend {
         let layers = self.config.n_layers;
         let (n_i, rows_i, mb_i) = (n as i32, rows as i32, max_blocks as i32);
         let st = self.stream.clone();
+        // With one head the attention warp holds a whole row and samples it itself.
+        let fuse = self.config.n_heads == 1;
+        let fuse_i = i32::from(fuse);
+        let tokens_out = match matrix {
+            Some(m) => m,
+            None => &mut self.out_tokens.slice,
+        };
         let s = &mut self.s;
+        let sample = SampleArgs {
+            out_t: self.out_t.device_ptr(&st).0,
+            temps: s.temps.slice.device_ptr(&st).0,
+            seeds: s.seeds.slice.device_ptr(&st).0,
+            gen_pos: s.gen_pos.slice.device_ptr(&st).0,
+            logits: s.logits.slice.device_ptr(&st).0,
+            want_logits: i32::from(want_logits),
+            tokens_out: tokens_out.device_ptr(&st).0 + (out_offset * std::mem::size_of::<u32>()) as u64,
+            out_stride: out_stride as i32,
+        };
         for layer in 0..layers {
             let last = layer + 1 == layers;
             let all_rows = i32::from(!last);
@@ -344,31 +378,19 @@ impl CudaBackend {
                 .arg(&s.q.slice)
                 .arg(&*kc)
                 .arg(&*vc)
-                .arg(&mut s.hidden_a.slice);
+                .arg(&mut s.hidden_a.slice)
+                .arg(if last { &fuse_i } else { &0i32 })
+                .arg(&sample);
             unsafe { b.launch(warp_grid(q_rows * self.config.n_heads)) }.map_err(cuda_err)?;
             if !last {
                 std::mem::swap(&mut s.hidden_a, &mut s.hidden_b);
             }
         }
-        let want = i32::from(want_logits);
-        let stride = out_stride as i32;
-        let tokens_out = match matrix {
-            Some(m) => m,
-            None => &mut self.out_tokens.slice,
-        };
-        let mut out_view = tokens_out.slice_mut(out_offset..);
-        let mut b = st.launch_builder(&self.kernels.logits);
-        b.arg(&rows_i)
-            .arg(&s.hidden_a.slice)
-            .arg(&self.out_t)
-            .arg(&s.temps.slice)
-            .arg(&s.seeds.slice)
-            .arg(&s.gen_pos.slice);
-        b.arg(&mut s.logits.slice)
-            .arg(&want)
-            .arg(&mut out_view)
-            .arg(&stride);
-        unsafe { b.launch(warp_grid(rows)) }.map_err(cuda_err)?;
+        if !fuse {
+            let mut b = st.launch_builder(&self.kernels.logits);
+            b.arg(&rows_i).arg(&s.hidden_a.slice).arg(&sample);
+            unsafe { b.launch(warp_grid(rows)) }.map_err(cuda_err)?;
+        }
         Ok(())
     }
 

@@ -24,6 +24,12 @@ __device__ __forceinline__ kv_t kv_store(float x) {
 }
 #endif
 
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
@@ -118,6 +124,55 @@ __device__ __forceinline__ float dot_row(const float* q, const kv_t* __restrict_
     return s;
 }
 
+// Output projection and sampling of one row by one warp: greedy argmax (first maximum) or
+// Gumbel-max at a temperature, with the same random stream as the CPU backend.
+struct SampleArgs {
+    const float* out_t;
+    const float* temps;
+    const u64* seeds;
+    const u32* gen_pos;
+    float* logits;
+    int want_logits;
+    u32* tokens_out;
+    int out_stride;
+};
+
+__device__ void sample_row(const float* h, int r, int lane, const SampleArgs& a) {
+    float temp = a.temps[r];
+    float best = NEG_INF;
+    int best_i = 0x7fffffff;
+    for (int v = lane; v < V; v += 32) {
+        float x = 0.f;
+        #pragma unroll 8
+        for (int i = 0; i < D; i++) x += a.out_t[i * V + v] * h[i];
+        if (a.want_logits) a.logits[(size_t)r * V + v] = x;
+        if (temp > 0.f) {
+            u64 k = mix64(a.seeds[r] ^ mix64(((u64)a.gen_pos[r] << 32) | (u64)v));
+            float u = ((float)(k >> 40) + 0.5f) / 16777216.f;
+            x = x / temp - logf(-logf(u));
+        }
+        if (x > best) { best = x; best_i = v; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(FULL_MASK, best, o);
+        int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
+        if (ob > best || (ob == best && oi < best_i)) { best = ob; best_i = oi; }
+    }
+    if (lane == 0) a.tokens_out[(size_t)r * a.out_stride] = best_i;
+}
+
+// Sampling after multi-head attention, whose heads come from different warps.
+extern "C" __global__ void logits_kernel(int n_rows, const float* __restrict__ hidden, SampleArgs a)
+{
+    __shared__ float hs[WARPS][D];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r = blockIdx.x * WARPS + warp;
+    if (r >= n_rows) return;
+    for (int i = lane; i < D; i += 32) hs[warp][i] = hidden[(size_t)r * D + i];
+    __syncwarp();
+    sample_row(hs[warp], r, lane, a);
+}
+
 // Elements per 16-byte load, and the lanes that share one key when a head is split into such
 // loads. When a head fits that layout, each group of LPK lanes walks its own keys (KPI groups per
 // warp), so one warp instruction reads KPI whole consecutive rows: coalesced, and with the loop
@@ -152,8 +207,11 @@ extern "C" __global__ void attention_kernel(
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks,
     const float* __restrict__ q, const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
-    float* __restrict__ out)
+    float* __restrict__ out, int fuse_sampling, SampleArgs sa)
 {
+    // With one head a warp holds a whole row, so the last layer samples right here instead of
+    // writing the row out for a separate kernel.
+    __shared__ float row_smem[WARPS][D];
     int lane = threadIdx.x & 31;
     int item = blockIdx.x * WARPS + (threadIdx.x >> 5);
     if (item >= n_rows * NH) return;
@@ -169,22 +227,34 @@ extern "C" __global__ void attention_kernel(
     #pragma unroll
     for (int i = 0; i < VEC; i++) { qv[i] = q[(size_t)r * D + h * HD + e * VEC + i] * scale; acc[i] = 0.f; }
     float m = NEG_INF, l = 0.f;
-    #pragma unroll 4
-    for (int p = g; p <= pos; p += KPI) {
-        size_t row = (size_t)(table[p / BS] * BS + p % BS) * KVD + kv_off + e * VEC;
-        load_vec(k_cache + row, kx);
-        load_vec(v_cache + row, vx);
-        float s = 0.f;
+    // Block by block: one table read per block, then every key of the block with independent
+    // loads. All lanes run the same iterations (the shuffles need the whole warp); keys past the
+    // query's position are loaded from the allocated block but carry no weight.
+    int n_keys = pos + 1;
+    for (int b0 = 0; b0 * BS < n_keys; b0++) {
+        size_t block_row = (size_t)table[b0] * BS;
         #pragma unroll
-        for (int i = 0; i < VEC; i++) s += qv[i] * kx[i];
-        #pragma unroll
-        for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
-        float m_new = fmaxf(m, s);
-        float corr = expf(m - m_new), w = expf(s - m_new);
-        l = l * corr + w;
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) acc[i] = acc[i] * corr + w * vx[i];
-        m = m_new;
+        for (int k0 = 0; k0 < BS; k0 += KPI) {
+            int kk = k0 + g;
+            bool in_block = kk < BS;
+            bool valid = in_block && b0 * BS + kk < n_keys;
+            size_t row = (block_row + (in_block ? kk : 0)) * KVD + kv_off + e * VEC;
+            load_vec(k_cache + row, kx);
+            load_vec(v_cache + row, vx);
+            float s = 0.f;
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) s += qv[i] * kx[i];
+            #pragma unroll
+            for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+            if (valid) {
+                float m_new = fmaxf(m, s);
+                float corr = expf(m - m_new), w = expf(s - m_new);
+                l = l * corr + w;
+                #pragma unroll
+                for (int i = 0; i < VEC; i++) acc[i] = acc[i] * corr + w * vx[i];
+                m = m_new;
+            }
+        }
     }
     // Merge the groups' partial softmaxes (a group with no keys has m = -inf and weighs 0).
     #pragma unroll
@@ -199,7 +269,10 @@ extern "C" __global__ void attention_kernel(
     }
     if (g == 0) {
         #pragma unroll
-        for (int i = 0; i < VEC; i++) out[(size_t)r * D + h * HD + e * VEC + i] = acc[i] / l;
+        for (int i = 0; i < VEC; i++) {
+            if (fuse_sampling) row_smem[threadIdx.x >> 5][e * VEC + i] = acc[i] / l;
+            else out[(size_t)r * D + h * HD + e * VEC + i] = acc[i] / l;
+        }
     }
 #else
     // General head sizes: keys 32 at a time, one per lane, then each lane accumulates its
@@ -240,52 +313,16 @@ extern "C" __global__ void attention_kernel(
     #pragma unroll
     for (int i = 0; i < HD_PER_LANE; i++) {
         int d = lane + 32 * i;
-        if (d < HD) out[(size_t)r * D + h * HD + d] = acc[i] / l;
+        if (d < HD) {
+            if (fuse_sampling) row_smem[threadIdx.x >> 5][d] = acc[i] / l;
+            else out[(size_t)r * D + h * HD + d] = acc[i] / l;
+        }
     }
 #endif
-}
-
-__device__ __forceinline__ u64 mix64(u64 z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-// Output projection and sampling, one warp per sampled row: greedy argmax (first maximum) or
-// Gumbel-max at a temperature, with the same random stream as the CPU backend.
-extern "C" __global__ void logits_kernel(
-    int n_rows, const float* __restrict__ hidden, const float* __restrict__ out_t,
-    const float* __restrict__ temps, const u64* __restrict__ seeds, const u32* __restrict__ gen_pos,
-    float* __restrict__ logits, int want_logits, u32* __restrict__ tokens_out, int out_stride)
-{
-    __shared__ float hs[WARPS][D];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int r = blockIdx.x * WARPS + warp;
-    if (r >= n_rows) return;
-    float* h = hs[warp];
-    for (int i = lane; i < D; i += 32) h[i] = hidden[(size_t)r * D + i];
-    __syncwarp();
-    float temp = temps[r];
-    float best = NEG_INF;
-    int best_i = 0x7fffffff;
-    for (int v = lane; v < V; v += 32) {
-        float x = 0.f;
-        #pragma unroll 8
-        for (int i = 0; i < D; i++) x += out_t[i * V + v] * h[i];
-        if (want_logits) logits[(size_t)r * V + v] = x;
-        if (temp > 0.f) {
-            u64 k = mix64(seeds[r] ^ mix64(((u64)gen_pos[r] << 32) | (u64)v));
-            float u = ((float)(k >> 40) + 0.5f) / 16777216.f;
-            x = x / temp - logf(-logf(u));
-        }
-        if (x > best) { best = x; best_i = v; }
+    if (fuse_sampling) {
+        __syncwarp();
+        sample_row(row_smem[threadIdx.x >> 5], r, lane, sa);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ob = __shfl_xor_sync(FULL_MASK, best, o);
-        int oi = __shfl_xor_sync(FULL_MASK, best_i, o);
-        if (ob > best || (ob == best && oi < best_i)) { best = ob; best_i = oi; }
-    }
-    if (lane == 0) tokens_out[(size_t)r * out_stride] = best_i;
 }
 
 // Static batches keep their tokens in a [batch, row_stride] matrix on the device; this lays out
