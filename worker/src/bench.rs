@@ -58,6 +58,8 @@ fn tables(batch: usize, tokens: usize, block_size: usize) -> (Vec<u32>, usize, u
     (t, per_seq, batch * per_seq)
 }
 
+type StaticSetup = (Box<dyn Backend>, Vec<u32>, usize);
+
 fn static_batch<'a>(
     prompts: &'a [u32],
     batch: usize,
@@ -66,7 +68,14 @@ fn static_batch<'a>(
     max_blocks: usize,
     recompute: bool,
 ) -> StaticBatch<'a> {
-    StaticBatch { prompts, batch, new_tokens, block_tables, max_blocks, recompute }
+    StaticBatch {
+        prompts,
+        batch,
+        new_tokens,
+        block_tables,
+        max_blocks,
+        recompute,
+    }
 }
 
 /// KV bytes decode reads over `steps` steps after a prompt of `prompt_len`: step i attends over
@@ -246,7 +255,7 @@ impl Bench {
                 let kv = decode_kv_bytes(&self.cfg.model, batch, ctx, steps);
                 self.push(BenchRow {
                     name: "sweep decode".into(),
-                    batch: batch,
+                    batch,
                     prompt_len: ctx,
                     new_tokens: steps,
                     seconds: run.decode_secs,
@@ -257,7 +266,7 @@ impl Bench {
                 });
                 self.push(BenchRow {
                     name: "sweep prefill".into(),
-                    batch: batch,
+                    batch,
                     prompt_len: ctx,
                     new_tokens: 1,
                     seconds: run.prefill_secs,

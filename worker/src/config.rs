@@ -110,13 +110,13 @@ impl ModelConfig {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "n_heads ({}) must divide dim ({})",
                 self.n_heads, self.dim
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return fail(format!(
                 "n_kv_heads ({}) must divide n_heads ({})",
                 self.n_kv_heads, self.n_heads

@@ -1,7 +1,7 @@
 //! The engine: sequences, the iteration-level scheduler (continuous batching with chunked
 //! prefill, prefix reuse and preemption by recompute) and the step loop over a backend.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use crate::backend::{Backend, ForwardBatch, Sample};
@@ -55,6 +55,8 @@ pub enum FinishReason {
     /// The stop token was generated.
     Stop,
     Aborted,
+    /// The first token is out and the sequence's KV stays held for export to a decode worker.
+    Held,
 }
 
 impl FinishReason {
@@ -63,6 +65,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Aborted => "aborted",
+            FinishReason::Held => "held",
         }
     }
 }
@@ -96,6 +99,8 @@ struct Sequence {
     /// Chained hashes of the full blocks registered in the prefix cache so far.
     hashes: Vec<u64>,
     params: SamplingParams,
+    /// Prefill role: keep the blocks after the first token, for export.
+    hold: bool,
 }
 
 impl Sequence {
@@ -104,12 +109,28 @@ impl Sequence {
     }
 }
 
+/// A held sequence's KV, read out for a decode worker.
+pub struct ExportedKv {
+    /// Prompt followed by the first generated token.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub num_blocks: usize,
+    /// [`Backend::read_blocks`] layout.
+    pub data: Vec<u8>,
+}
+
 pub struct Engine {
     backend: Box<dyn Backend>,
     blocks: BlockManager,
     sched: SchedulerConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    /// Prefilled sequences whose KV waits to be exported (prefill role).
+    held: HashMap<u64, Sequence>,
+    /// Blocks taken for KV that is arriving (decode role).
+    reservations: HashMap<u64, Vec<BlockId>>,
+    /// Imported sequences waiting for their consumer to attach (decode role).
+    parked: HashMap<u64, Sequence>,
     capture_logits: bool,
     preemptions: u64,
 }
@@ -132,6 +153,9 @@ impl Engine {
             sched,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            held: HashMap::new(),
+            reservations: HashMap::new(),
+            parked: HashMap::new(),
             capture_logits: false,
             preemptions: 0,
         })
@@ -218,8 +242,36 @@ impl Engine {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<(), EngineError> {
+        self.submit(id, prompt, params, false)
+    }
+
+    /// Like [`Engine::add_request`], but after the first token the sequence keeps its blocks for
+    /// [`Engine::export`] instead of decoding on (it finishes with [`FinishReason::Held`]).
+    pub fn add_request_held(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        self.submit(id, prompt, params, true)
+    }
+
+    fn id_in_use(&self, id: u64) -> bool {
+        self.waiting.iter().chain(&self.running).any(|s| s.id == id)
+            || self.held.contains_key(&id)
+            || self.parked.contains_key(&id)
+            || self.reservations.contains_key(&id)
+    }
+
+    fn submit(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        hold: bool,
+    ) -> Result<(), EngineError> {
         self.validate(&prompt, &params)?;
-        if self.waiting.iter().chain(&self.running).any(|s| s.id == id) {
+        if self.id_in_use(id) {
             return Err(EngineError::InvalidRequest(format!(
                 "request id {id} is already in use"
             )));
@@ -232,8 +284,141 @@ impl Engine {
             blocks: Vec::new(),
             hashes: Vec::new(),
             params,
+            hold,
         });
         Ok(())
+    }
+
+    /// Reads a held sequence's KV (prefill role). The sequence stays held until released.
+    pub fn export(&mut self, id: u64) -> Result<ExportedKv, EngineError> {
+        let seq = self
+            .held
+            .get(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("no held sequence {id}")))?;
+        let (tokens, prompt_len, blocks) = (seq.tokens.clone(), seq.prompt_len, seq.blocks.clone());
+        let data = self.backend.read_blocks(&blocks)?;
+        Ok(ExportedKv {
+            tokens,
+            prompt_len,
+            num_blocks: blocks.len(),
+            data,
+        })
+    }
+
+    /// Frees a held sequence; its full blocks stay in the prefix cache.
+    pub fn release_held(&mut self, id: u64) -> bool {
+        match self.held.remove(&id) {
+            Some(seq) => {
+                self.blocks.release_all(&seq.blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes blocks for a sequence whose KV is about to arrive (decode role). Refuses at once when
+    /// there is no room, so the sender can try another worker.
+    pub fn reserve_import(&mut self, id: u64, num_blocks: usize) -> Result<(), EngineError> {
+        if self.id_in_use(id) {
+            return Err(EngineError::InvalidRequest(format!(
+                "request id {id} is already in use"
+            )));
+        }
+        // Keep room for the running sequences' next tokens, or imports would force preemptions.
+        let headroom = self.running.len().div_ceil(self.blocks.block_size());
+        if num_blocks + headroom > self.blocks.num_available() {
+            return Err(EngineError::NoRoom(format!(
+                "no room for {num_blocks} KV blocks: {} of {} available",
+                self.blocks.num_available(),
+                self.blocks.num_blocks()
+            )));
+        }
+        let blocks = (0..num_blocks)
+            .map(|_| self.blocks.allocate().expect("availability checked"))
+            .collect();
+        self.reservations.insert(id, blocks);
+        Ok(())
+    }
+
+    /// Frees the blocks of an import that did not complete.
+    pub fn cancel_import(&mut self, id: u64) {
+        if let Some(blocks) = self.reservations.remove(&id) {
+            self.blocks.release_all(&blocks);
+        }
+    }
+
+    /// Writes the arrived KV into the reserved blocks and parks the sequence until
+    /// [`Engine::attach`]. `tokens` is the prompt plus the first generated token.
+    pub fn commit_import(
+        &mut self,
+        id: u64,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+        kv: &[u8],
+    ) -> Result<(), EngineError> {
+        let blocks = self
+            .reservations
+            .remove(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("no reservation for {id}")))?;
+        let computed = tokens.len().saturating_sub(1);
+        let bs = self.blocks.block_size();
+        let valid = !tokens.is_empty()
+            && prompt_len < tokens.len()
+            && blocks.len() == blocks_for(computed, bs)
+            && self.validate(&tokens[..prompt_len], &params).is_ok();
+        if !valid {
+            self.blocks.release_all(&blocks);
+            return Err(EngineError::InvalidRequest(
+                "imported sequence does not match its blocks or the model".into(),
+            ));
+        }
+        if let Err(e) = self.backend.write_blocks(&blocks, kv) {
+            self.blocks.release_all(&blocks);
+            return Err(e);
+        }
+        let hashes = prefix_hashes(&tokens[..computed], bs);
+        for (&b, &h) in blocks.iter().zip(&hashes) {
+            self.blocks.register_full(b, h);
+        }
+        let seq = Sequence {
+            id,
+            tokens,
+            prompt_len,
+            computed,
+            blocks,
+            hashes,
+            params,
+            hold: false,
+        };
+        self.parked.insert(id, seq);
+        Ok(())
+    }
+
+    /// Moves a parked sequence into the running batch; it decodes from the next step on.
+    pub fn attach(&mut self, id: u64) -> Result<(), EngineError> {
+        let seq = self
+            .parked
+            .remove(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("no transferred sequence {id}")))?;
+        self.running.push(seq);
+        Ok(())
+    }
+
+    /// Frees a parked sequence nobody attached to.
+    pub fn drop_parked(&mut self, id: u64) -> bool {
+        match self.parked.remove(&id) {
+            Some(seq) => {
+                self.blocks.release_all(&seq.blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sequences held, parked or being imported: work that is not in the batch but holds blocks.
+    pub fn num_pending_transfers(&self) -> usize {
+        self.held.len() + self.parked.len() + self.reservations.len()
     }
 
     /// Drops a request wherever it is, freeing its blocks. Returns whether it was found.
@@ -247,7 +432,7 @@ impl Engine {
             self.blocks.release_all(&seq.blocks);
             return true;
         }
-        false
+        self.release_held(id) || self.drop_parked(id)
     }
 
     /// Frees a running sequence's blocks and puts it back at the head of the queue; it will be
@@ -411,19 +596,27 @@ impl Engine {
                 out.finished.push((seq.id, FinishReason::Stop));
             } else if seq.generated() >= seq.params.max_tokens {
                 out.finished.push((seq.id, FinishReason::Length));
+            } else if seq.hold {
+                out.finished.push((seq.id, FinishReason::Held));
             }
         }
         // Finished sequences leave now and free their blocks for the next step.
         if !out.finished.is_empty() {
-            let blocks = &mut self.blocks;
-            let finished = &out.finished;
-            self.running.retain(|s| {
-                let done = finished.iter().any(|(id, _)| *id == s.id);
-                if done {
-                    blocks.release_all(&s.blocks);
+            let (running, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(|s| !out.finished.iter().any(|(id, _)| *id == s.id));
+            self.running = running;
+            for seq in kept {
+                let held = out
+                    .finished
+                    .iter()
+                    .any(|&(id, r)| id == seq.id && r == FinishReason::Held);
+                if held {
+                    self.held.insert(seq.id, seq);
+                } else {
+                    self.blocks.release_all(&seq.blocks);
                 }
-                !done
-            });
+            }
         }
         out.seconds = start.elapsed().as_secs_f64();
         Ok(out)
@@ -432,10 +625,17 @@ impl Engine {
     /// Every block's reference count equals the number of sequences holding it (tests).
     pub fn check_block_accounting(&self) -> Result<(), String> {
         let mut refs = vec![0u32; self.blocks.num_blocks()];
-        for s in self.running.iter().chain(&self.waiting) {
-            for &b in &s.blocks {
-                refs[b as usize] += 1;
-            }
+        let seqs = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .chain(self.held.values())
+            .chain(self.parked.values());
+        for &b in seqs
+            .flat_map(|s| &s.blocks)
+            .chain(self.reservations.values().flatten())
+        {
+            refs[b as usize] += 1;
         }
         for (b, &r) in refs.iter().enumerate() {
             if self.blocks.ref_count(b as BlockId) != r {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod kv_cache;
+pub mod serve;
 pub mod vectors;
 pub mod weights;
 
@@ -19,4 +20,7 @@ pub enum EngineError {
     Weights(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// The KV cache cannot take this work now; another worker may.
+    #[error("no room: {0}")]
+    NoRoom(String),
 }

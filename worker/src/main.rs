@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 use pdfleet_worker::bench::{Bench, BenchConfig};
 use pdfleet_worker::config::{KvDtype, ModelConfig};
+use pdfleet_worker::serve::{self, ServeArgs};
 use pdfleet_worker::vectors;
 
 #[derive(Parser)]
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serves as a prefill, decode or unified worker (gRPC plus HTTP metrics and health).
+    Serve(Box<ServeArgs>),
     /// Checks the engine against a golden-vector folder (cases.json + weights.safetensors).
     CheckVectors {
         dir: PathBuf,
@@ -81,6 +84,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve::serve(*args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckVectors {
             dir,
             backend,

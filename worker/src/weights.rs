@@ -88,20 +88,36 @@ impl Weights {
     /// Loads a safetensors file. A one-layer model uses the primer's names (`q_proj.weight`, ...);
     /// deeper ones prefix each block's tensors with `layers.N.`.
     pub fn load_safetensors(path: &Path, config: &ModelConfig) -> Result<Self, EngineError> {
-        config.validate()?;
         let bytes = std::fs::read(path)
             .map_err(|e| EngineError::Weights(format!("cannot read {}: {e}", path.display())))?;
-        let file = SafeTensors::deserialize(&bytes)
-            .map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+        Self::from_safetensors_bytes(&bytes, config, &path.display().to_string())
+    }
+
+    /// The primer's model with seed 7, the one the golden vectors come from: the default weights
+    /// of every worker, so a fleet started with no weights file still agrees with itself.
+    pub fn embedded_primer() -> Self {
+        const BYTES: &[u8] = include_bytes!("../testdata/toy-seed7/weights.safetensors");
+        Self::from_safetensors_bytes(BYTES, &ModelConfig::default(), "embedded toy-seed7")
+            .expect("embedded weights load")
+    }
+
+    /// Parses safetensors bytes; `origin` names them in errors.
+    pub fn from_safetensors_bytes(
+        bytes: &[u8],
+        config: &ModelConfig,
+        origin: &str,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| EngineError::Weights(format!("{origin}: {e}")))?;
         let (d, kv, v) = (config.dim, config.kv_dim(), config.vocab_size);
         let read = |name: &str, shape: [usize; 2]| -> Result<Vec<f32>, EngineError> {
-            let t = file.tensor(name).map_err(|_| {
-                EngineError::Weights(format!("{}: no tensor named {name}", path.display()))
-            })?;
+            let t = file
+                .tensor(name)
+                .map_err(|_| EngineError::Weights(format!("{origin}: no tensor named {name}")))?;
             if t.dtype() != Dtype::F32 || t.shape() != shape {
                 return Err(EngineError::Weights(format!(
-                    "{}: tensor {name} is {:?} {:?}, expected F32 {shape:?}",
-                    path.display(),
+                    "{origin}: tensor {name} is {:?} {:?}, expected F32 {shape:?}",
                     t.dtype(),
                     t.shape()
                 )));

@@ -8,21 +8,35 @@ use pdfleet_worker::weights::Weights;
 
 /// A deterministic stream of token ids below `vocab`.
 pub fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u64).map(|i| (backend::mix64(seed * 7919 + i) % vocab as u64) as u32).collect()
+    (0..n as u64)
+        .map(|i| (backend::mix64(seed * 7919 + i) % vocab as u64) as u32)
+        .collect()
 }
 
-pub fn engine(backend_name: &str, config: &ModelConfig, blocks: usize, block_size: usize, sched: SchedulerConfig) -> Engine {
+pub fn engine(
+    backend_name: &str,
+    config: &ModelConfig,
+    blocks: usize,
+    block_size: usize,
+    sched: SchedulerConfig,
+) -> Engine {
     let weights = Weights::from_seed(config, 11).unwrap();
     let b = backend::open(backend_name, &weights, block_size, blocks).unwrap();
     Engine::new(b, sched).unwrap()
 }
 
 pub fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens, ..Default::default() }
+    SamplingParams {
+        max_tokens,
+        ..Default::default()
+    }
 }
 
 /// Runs every request to completion; returns per request its (token, logits) in order.
-pub fn run_with_logits(engine: &mut Engine, requests: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<(u32, Vec<f32>)>> {
+pub fn run_with_logits(
+    engine: &mut Engine,
+    requests: &[(Vec<u32>, SamplingParams)],
+) -> Vec<Vec<(u32, Vec<f32>)>> {
     engine.set_capture_logits(true);
     for (i, (p, s)) in requests.iter().enumerate() {
         engine.add_request(i as u64, p.clone(), s.clone()).unwrap();

@@ -8,7 +8,11 @@ use pdfleet_worker::engine::{generate_all, FinishReason, SamplingParams, Schedul
 use pdfleet_worker::EngineError;
 
 fn sched(max_batch_tokens: usize, chunk_size: usize, max_running: usize) -> SchedulerConfig {
-    SchedulerConfig { max_batch_tokens, chunk_size, max_running }
+    SchedulerConfig {
+        max_batch_tokens,
+        chunk_size,
+        max_running,
+    }
 }
 
 fn mixed_requests(n: u64) -> Vec<(Vec<u32>, SamplingParams)> {
@@ -42,8 +46,15 @@ fn no_block_leaks_after_a_mix_of_requests_aborts_and_preemptions() {
             assert!(e.abort(3) && e.abort(29));
         }
     }
-    assert!(e.preemptions() > 0, "the small cache should have forced preemption");
-    assert_eq!(e.blocks_used(), 0, "every block is free or merely cached once all requests end");
+    assert!(
+        e.preemptions() > 0,
+        "the small cache should have forced preemption"
+    );
+    assert_eq!(
+        e.blocks_used(),
+        0,
+        "every block is free or merely cached once all requests end"
+    );
 }
 
 #[test]
@@ -74,23 +85,39 @@ fn a_shared_prefix_is_reused_and_gives_the_same_tokens() {
     let before = e.prefix_stats();
     let reused = generate_all(&mut e, vec![(second.clone(), greedy(12))]).unwrap();
     let after = e.prefix_stats();
-    assert_eq!(after.hits - before.hits, 48, "three full blocks of the shared prefix are reused");
+    assert_eq!(
+        after.hits - before.hits,
+        48,
+        "three full blocks of the shared prefix are reused"
+    );
     assert_eq!(after.queries - before.queries, second.len() as u64);
     let mut fresh = engine("cpu", &c, 128, 16, SchedulerConfig::default());
-    assert_eq!(generate_all(&mut fresh, vec![(second, greedy(12))]).unwrap(), reused);
+    assert_eq!(
+        generate_all(&mut fresh, vec![(second, greedy(12))]).unwrap(),
+        reused
+    );
     assert_eq!(first[0].len(), 5);
 }
 
 #[test]
 fn preemption_resumes_to_the_same_tokens() {
-    let c = ModelConfig { dim: 32, n_heads: 2, n_kv_heads: 1, n_layers: 2, ..Default::default() };
+    let c = ModelConfig {
+        dim: 32,
+        n_heads: 2,
+        n_kv_heads: 1,
+        n_layers: 2,
+        ..Default::default()
+    };
     let requests = mixed_requests(12);
     let mut roomy = engine("cpu", &c, 1024, 4, sched(64, 16, 12));
     let expected = generate_all(&mut roomy, requests.clone()).unwrap();
     assert_eq!(roomy.preemptions(), 0);
     let mut tight = engine("cpu", &c, 32, 4, sched(64, 16, 12));
     let got = generate_all(&mut tight, requests).unwrap();
-    assert!(tight.preemptions() > 0, "the tight cache should have preempted");
+    assert!(
+        tight.preemptions() > 0,
+        "the tight cache should have preempted"
+    );
     assert_eq!(got, expected);
 }
 
@@ -99,10 +126,16 @@ fn chunked_prefill_interleaves_with_decodes_and_changes_no_token() {
     let c = ModelConfig::default();
     let long = tokens(5, 300, 100);
     let mut whole = engine("cpu", &c, 256, 16, sched(1024, 1024, 8));
-    let expected = generate_all(&mut whole, vec![(tokens(4, 8, 100), greedy(40)), (long.clone(), greedy(10))]).unwrap();
+    let expected = generate_all(
+        &mut whole,
+        vec![(tokens(4, 8, 100), greedy(40)), (long.clone(), greedy(10))],
+    )
+    .unwrap();
 
     let mut chunked = engine("cpu", &c, 256, 16, sched(64, 32, 8));
-    chunked.add_request(0, tokens(4, 8, 100), greedy(40)).unwrap();
+    chunked
+        .add_request(0, tokens(4, 8, 100), greedy(40))
+        .unwrap();
     let mut got = vec![Vec::new(), Vec::new()];
     got[0].extend(chunked.step().unwrap().tokens.iter().map(|t| t.token));
     chunked.add_request(1, long, greedy(10)).unwrap();
@@ -118,7 +151,10 @@ fn chunked_prefill_interleaves_with_decodes_and_changes_no_token() {
         }
     }
     // The 300-token prompt takes ten chunks, each batched with the other request's decode.
-    assert!(mixed_steps >= 9, "only {mixed_steps} steps mixed prefill and decode");
+    assert!(
+        mixed_steps >= 9,
+        "only {mixed_steps} steps mixed prefill and decode"
+    );
     assert_eq!(got, expected);
 }
 
@@ -130,7 +166,15 @@ fn a_stop_token_ends_the_sequence() {
     let stop = free_run[0][4];
     let first = free_run[0].iter().position(|&t| t == stop).unwrap();
     let mut e = engine("cpu", &c, 64, 16, SchedulerConfig::default());
-    e.add_request(0, tokens(3, 12, 100), SamplingParams { stop_token: Some(stop), ..greedy(20) }).unwrap();
+    e.add_request(
+        0,
+        tokens(3, 12, 100),
+        SamplingParams {
+            stop_token: Some(stop),
+            ..greedy(20)
+        },
+    )
+    .unwrap();
     let mut reason = None;
     let mut n = 0;
     while e.has_work() {
@@ -143,13 +187,20 @@ fn a_stop_token_ends_the_sequence() {
 
 #[test]
 fn requests_that_could_never_run_are_refused_with_a_reason() {
-    let c = ModelConfig { max_seq_len: 64, ..Default::default() };
+    let c = ModelConfig {
+        max_seq_len: 64,
+        ..Default::default()
+    };
     let mut e = engine("cpu", &c, 8, 4, SchedulerConfig::default());
     let msg = |r: Result<(), EngineError>| r.unwrap_err().to_string();
     assert!(msg(e.add_request(1, vec![], greedy(1))).contains("prompt is empty"));
-    assert!(msg(e.add_request(2, vec![5, 100], greedy(1))).contains("token id 100 is outside the vocabulary"));
-    assert!(msg(e.add_request(3, vec![1; 60], greedy(8))).contains("exceeds the model's context of 64"));
-    assert!(msg(e.add_request(4, vec![1; 30], greedy(8))).contains("needs 10 KV blocks but the cache has 8"));
+    assert!(msg(e.add_request(2, vec![5, 100], greedy(1)))
+        .contains("token id 100 is outside the vocabulary"));
+    assert!(
+        msg(e.add_request(3, vec![1; 60], greedy(8))).contains("exceeds the model's context of 64")
+    );
+    assert!(msg(e.add_request(4, vec![1; 30], greedy(8)))
+        .contains("needs 10 KV blocks but the cache has 8"));
     assert!(msg(e.add_request(5, vec![1], greedy(0))).contains("max_tokens must be at least 1"));
     e.add_request(6, vec![1, 2], greedy(2)).unwrap();
     assert!(msg(e.add_request(6, vec![1, 2], greedy(2))).contains("already in use"));

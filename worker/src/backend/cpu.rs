@@ -306,27 +306,41 @@ impl Backend for CpuBackend {
 }
 
 /// A static batch driven through [`Backend::forward`], one call per step.
-pub(crate) fn run_static_with_forward(backend: &mut dyn Backend, run: &StaticBatch) -> Result<StaticRun, EngineError> {
+pub(crate) fn run_static_with_forward(
+    backend: &mut dyn Backend,
+    run: &StaticBatch,
+) -> Result<StaticRun, EngineError> {
     let (batch, new_tokens, max_blocks) = (run.batch, run.new_tokens, run.max_blocks);
     let prompt_len = run.prompts.len() / batch;
     let stride = prompt_len + new_tokens;
     let mut matrix = vec![0u32; batch * stride];
     for s in 0..batch {
-        matrix[s * stride..s * stride + prompt_len].copy_from_slice(&run.prompts[s * prompt_len..(s + 1) * prompt_len]);
+        matrix[s * stride..s * stride + prompt_len]
+            .copy_from_slice(&run.prompts[s * prompt_len..(s + 1) * prompt_len]);
     }
     let bs = backend.block_size() as u32;
     // Lays out positions start..start+count of every sequence; the last one is sampled.
     let layout = |matrix: &[u32], start: usize, count: usize| {
-        let mut fb = ForwardBatch { block_tables: run.block_tables.to_vec(), max_blocks, ..Default::default() };
+        let mut fb = ForwardBatch {
+            block_tables: run.block_tables.to_vec(),
+            max_blocks,
+            ..Default::default()
+        };
         for s in 0..batch {
             for p in start as u32..(start + count) as u32 {
                 fb.tokens.push(matrix[s * stride + p as usize]);
                 fb.positions.push(p);
-                fb.slots.push(run.block_tables[s * max_blocks + (p / bs) as usize] * bs + p % bs);
+                fb.slots
+                    .push(run.block_tables[s * max_blocks + (p / bs) as usize] * bs + p % bs);
                 fb.token_seq.push(s as u32);
             }
             let last = fb.tokens.len() as u32 - 1;
-            fb.samples.push(Sample { token_index: last, temperature: 0.0, seed: 0, position: (start + count) as u32 });
+            fb.samples.push(Sample {
+                token_index: last,
+                temperature: 0.0,
+                seed: 0,
+                position: (start + count) as u32,
+            });
         }
         fb
     };
@@ -334,7 +348,11 @@ pub(crate) fn run_static_with_forward(backend: &mut dyn Backend, run: &StaticBat
     let start = Instant::now();
     for step in 0..new_tokens {
         let len = prompt_len + step;
-        let fb = if step == 0 || run.recompute { layout(&matrix, 0, len) } else { layout(&matrix, len - 1, 1) };
+        let fb = if step == 0 || run.recompute {
+            layout(&matrix, 0, len)
+        } else {
+            layout(&matrix, len - 1, 1)
+        };
         let tokens = backend.forward(&fb)?.tokens;
         for (s, t) in tokens.into_iter().enumerate() {
             matrix[s * stride + len] = t;
@@ -344,6 +362,12 @@ pub(crate) fn run_static_with_forward(backend: &mut dyn Backend, run: &StaticBat
         }
     }
     let decode_secs = start.elapsed().as_secs_f64() - prefill_secs;
-    let tokens = (0..batch).flat_map(|s| matrix[s * stride + prompt_len..(s + 1) * stride].to_vec()).collect();
-    Ok(StaticRun { tokens, prefill_secs, decode_secs })
+    let tokens = (0..batch)
+        .flat_map(|s| matrix[s * stride + prompt_len..(s + 1) * stride].to_vec())
+        .collect();
+    Ok(StaticRun {
+        tokens,
+        prefill_secs,
+        decode_secs,
+    })
 }

@@ -324,7 +324,8 @@ impl CudaBackend {
             gen_pos: s.gen_pos.slice.device_ptr(&st).0,
             logits: s.logits.slice.device_ptr(&st).0,
             want_logits: i32::from(want_logits),
-            tokens_out: tokens_out.device_ptr(&st).0 + (out_offset * std::mem::size_of::<u32>()) as u64,
+            tokens_out: tokens_out.device_ptr(&st).0
+                + (out_offset * std::mem::size_of::<u32>()) as u64,
             out_stride: out_stride as i32,
         };
         for layer in 0..layers {
@@ -515,7 +516,8 @@ impl Backend for CudaBackend {
     }
 
     fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError> {
-        let (prompts, batch, new_tokens, max_blocks) = (run.prompts, run.batch, run.new_tokens, run.max_blocks);
+        let (prompts, batch, new_tokens, max_blocks) =
+            (run.prompts, run.batch, run.new_tokens, run.max_blocks);
         let st = self.stream.clone();
         let prompt_len = prompts.len() / batch;
         let stride = prompt_len + new_tokens;
