@@ -105,11 +105,8 @@ impl Bench {
         })
     }
 
-    fn backend(
-        &mut self,
-        batch: usize,
-        tokens: usize,
-    ) -> Result<(Box<dyn Backend>, Vec<u32>, usize), EngineError> {
+    /// A backend sized for a static batch, with the batch's block tables and blocks per sequence.
+    fn backend(&mut self, batch: usize, tokens: usize) -> Result<StaticSetup, EngineError> {
         let (t, per_seq, blocks) = tables(batch, tokens, self.cfg.block_size);
         let b = backend::open(
             &self.cfg.backend,
