@@ -1,10 +1,12 @@
 //! `pdfleet`: the fleet's command-line tool.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-
-mod load;
+use pdfleet::fleet::{Fleet, FleetConfig, Mode};
+use pdfleet::load::{self, LenDist, LoadConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "pdfleet", version, about)]
@@ -13,11 +15,118 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct LocalArgs {
+    /// disaggregated (prefill + decode workers) or colocated (unified workers)
+    #[arg(long, value_enum, default_value = "disaggregated")]
+    mode: Mode,
+    #[arg(long, default_value_t = 1)]
+    prefill: usize,
+    #[arg(long, default_value_t = 1)]
+    decode: usize,
+    #[arg(long, default_value_t = 2)]
+    unified: usize,
+    /// The router's port
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// cpu, cuda or auto (CUDA when a GPU is present)
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// safetensors weights (default: the primer's seed-7 model, embedded)
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Send a short mixed load, print TTFT/ITL, then stop everything
+    #[arg(long)]
+    demo: bool,
+    /// Worker and router logs go to this folder
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Extra flags for every worker, e.g. --worker-arg=--chunk-size --worker-arg=64
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A router with prefill and decode (or unified) workers as processes on loopback
+    Local(LocalArgs),
     /// Open-loop Poisson load against a router's /v1/completions; prints latency
     /// percentiles, throughput and goodput
     Load(load::LoadArgs),
+}
+
+async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    let cfg = FleetConfig {
+        mode: args.mode,
+        prefill: args.prefill,
+        decode: args.decode,
+        unified: args.unified,
+        port: args.port,
+        backend: args.backend,
+        weights: args.weights,
+        worker_args: args.worker_args,
+        router_args: Vec::new(),
+        bin_dir: None,
+        log_dir: args.log_dir,
+    };
+    let mut fleet = Fleet::start(&cfg)?;
+    eprintln!(
+        "starting {} workers ({:?}) and a router on {} ...",
+        fleet.workers.len(),
+        cfg.mode,
+        fleet.url
+    );
+    fleet.wait_ready(Duration::from_secs(60)).await?;
+    for w in &fleet.workers {
+        eprintln!(
+            "  {:<10} grpc {}  metrics {}/metrics",
+            w.name,
+            w.addr,
+            w.http.as_deref().unwrap_or("")
+        );
+    }
+    eprintln!(
+        "  router     {}/v1/completions  metrics {}/metrics",
+        fleet.url, fleet.url
+    );
+    if !args.demo {
+        eprintln!("serving; Ctrl-C stops the fleet (workers drain first)");
+        tokio::signal::ctrl_c().await?;
+        fleet.stop();
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A short mixed load: mostly short prompts, some long ones that stress prefill.
+    let cfg = LoadConfig {
+        url: fleet.url.clone(),
+        rate: 20.0,
+        num_requests: 60,
+        prompt_len: LenDist::LogNormal {
+            median: 48.0,
+            sigma: 1.0,
+            max: 800,
+        },
+        output_len: LenDist::LogNormal {
+            median: 24.0,
+            sigma: 0.5,
+            max: 64,
+        },
+        seed: 7,
+        label: format!("demo, {:?}", cfg.mode),
+        progress: true,
+        ..LoadConfig::default()
+    };
+    eprintln!(
+        "sending {} requests at {} req/s ...",
+        cfg.num_requests, cfg.rate
+    );
+    let report = load::run_load(&cfg).await?;
+    println!("{}", report.summary_table());
+    fleet.stop();
+    Ok(if report.ok_count() == cfg.num_requests {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[tokio::main]
@@ -30,6 +139,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Local(args) => local(args).await,
         Command::Load(args) => load::run_cli(args).await,
     }
 }

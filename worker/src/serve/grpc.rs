@@ -158,7 +158,7 @@ impl WorkerService {
         }
         let client = WorkerClient::connect(addr.to_string())
             .await
-            .map_err(|e| Status::unavailable(format!("cannot reach decode worker {addr}: {e}")))?
+            .map_err(|e| Status::unavailable(format!("decode {addr}: unreachable: {e}")))?
             .max_decoding_message_size(64 << 20);
         self.decode_clients
             .lock()
@@ -195,9 +195,14 @@ impl WorkerService {
             wire_dtype: wire.to_string(),
             total_bytes: bytes,
         };
-        let mut client = self.decode_client(&req.decode_addr).await?;
+        // Errors that are the decode worker's carry its name, so the router replaces only it.
+        let addr = &req.decode_addr;
+        let mut client = self.decode_client(addr).await?;
         let msgs = transfer::chunks(header, data);
-        client.push_kv(tokio_stream::iter(msgs)).await?;
+        client
+            .push_kv(tokio_stream::iter(msgs))
+            .await
+            .map_err(|e| Status::new(e.code(), format!("decode {addr}: {}", e.message())))?;
         Ok(bytes)
     }
 }

@@ -1,0 +1,352 @@
+//! The workers behind the router: their health and load (polled over gRPC `Status`), and the
+//! choice of prefill worker (prefix-cache affinity balanced by load) and decode worker (free KV,
+//! same topology domain first).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use pdfleet_worker::serve::proto::worker_client::WorkerClient;
+use pdfleet_worker::serve::proto::{StatusRequest, WorkerStatus};
+use pdfleet_worker::serve::Role;
+use tonic::transport::Channel;
+
+/// Prefix hashes a worker was recently sent, oldest dropped first.
+struct RecentPrefixes {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+const RECENT_PREFIXES: usize = 8192;
+
+impl RecentPrefixes {
+    fn matched(&self, hashes: &[u64]) -> usize {
+        hashes.iter().take_while(|h| self.set.contains(h)).count()
+    }
+
+    fn record(&mut self, hashes: &[u64]) {
+        for &h in hashes {
+            if self.set.insert(h) {
+                self.order.push_back(h);
+                if self.order.len() > RECENT_PREFIXES {
+                    let old = self.order.pop_front().expect("non-empty");
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+pub struct WorkerEntry {
+    pub addr: String,
+    pub role: Role,
+    pub client: WorkerClient<Channel>,
+    status: Mutex<Option<WorkerStatus>>,
+    healthy: AtomicBool,
+    inflight: AtomicUsize,
+    recent: Mutex<RecentPrefixes>,
+}
+
+impl WorkerEntry {
+    fn new(addr: &str, role: Role) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(addr.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Ok(WorkerEntry {
+            addr: addr.to_string(),
+            role,
+            client: WorkerClient::new(channel).max_decoding_message_size(64 << 20),
+            status: Mutex::new(None),
+            healthy: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            recent: Mutex::new(RecentPrefixes {
+                order: VecDeque::new(),
+                set: HashSet::new(),
+            }),
+        })
+    }
+
+    pub fn domain(&self) -> String {
+        self.status
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|s| s.domain.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn free_blocks(&self) -> i64 {
+        let s = self.status.lock().expect("lock");
+        s.as_ref()
+            .map(|s| s.blocks_total as i64 - s.blocks_used as i64)
+            .unwrap_or(0)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Marks one more request on this worker until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.clone())
+    }
+
+    /// A transport failure: stop routing here until the next successful status poll.
+    pub fn mark_unhealthy(&self) {
+        self.healthy.store(false, Ordering::Relaxed);
+    }
+}
+
+pub struct InflightGuard(Arc<WorkerEntry>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PickError {
+    /// No healthy worker of the role.
+    NoneHealthy(Role),
+    /// All healthy workers are at their in-flight limit.
+    AllBusy(Role),
+}
+
+pub enum Mode {
+    Disaggregated,
+    Unified,
+}
+
+pub struct Pool {
+    workers: RwLock<Vec<Arc<WorkerEntry>>>,
+    pub max_inflight_per_worker: usize,
+}
+
+impl Pool {
+    pub fn new(max_inflight_per_worker: usize) -> Self {
+        Pool {
+            workers: RwLock::new(Vec::new()),
+            max_inflight_per_worker,
+        }
+    }
+
+    /// Replaces the worker list, keeping the state of workers that stay.
+    pub fn set_workers(&self, list: &[(String, Role)]) -> anyhow::Result<()> {
+        let mut workers = self.workers.write().expect("lock");
+        let mut next = Vec::new();
+        for (addr, role) in list {
+            match workers.iter().find(|w| &w.addr == addr && w.role == *role) {
+                Some(w) => next.push(w.clone()),
+                None => next.push(Arc::new(WorkerEntry::new(addr, *role)?)),
+            }
+        }
+        *workers = next;
+        Ok(())
+    }
+
+    pub fn workers(&self) -> Vec<Arc<WorkerEntry>> {
+        self.workers.read().expect("lock").clone()
+    }
+
+    pub fn mode(&self) -> Mode {
+        let ws = self.workers();
+        if ws.iter().any(|w| w.role == Role::Prefill) && ws.iter().any(|w| w.role == Role::Decode) {
+            Mode::Disaggregated
+        } else {
+            Mode::Unified
+        }
+    }
+
+    /// The block size the workers report (they hash prompts into blocks of this many tokens).
+    pub fn block_size(&self) -> usize {
+        self.workers()
+            .iter()
+            .find_map(|w| {
+                w.status
+                    .lock()
+                    .expect("lock")
+                    .as_ref()
+                    .map(|s| s.block_size as usize)
+            })
+            .unwrap_or(16)
+    }
+
+    /// Polls every worker's status; one that does not answer, or is draining, takes no new work.
+    pub async fn poll_once(&self) {
+        let futures = self.workers().into_iter().map(|w| async move {
+            let mut client = w.client.clone();
+            let result =
+                tokio::time::timeout(Duration::from_secs(1), client.status(StatusRequest {})).await;
+            match result {
+                Ok(Ok(resp)) => {
+                    let s = resp.into_inner();
+                    w.healthy.store(s.ready, Ordering::Relaxed);
+                    *w.status.lock().expect("lock") = Some(s);
+                }
+                _ => w.healthy.store(false, Ordering::Relaxed),
+            }
+        });
+        futures_util::future::join_all(futures).await;
+    }
+
+    pub async fn poll_forever(self: Arc<Self>, every: Duration) {
+        loop {
+            self.poll_once().await;
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    fn candidates(
+        &self,
+        role: Role,
+        exclude: &[String],
+    ) -> Result<Vec<Arc<WorkerEntry>>, PickError> {
+        let healthy: Vec<_> = self
+            .workers()
+            .into_iter()
+            .filter(|w| w.role == role && w.healthy() && !exclude.contains(&w.addr))
+            .collect();
+        if healthy.is_empty() {
+            return Err(PickError::NoneHealthy(role));
+        }
+        let free: Vec<_> = healthy
+            .into_iter()
+            .filter(|w| w.inflight() < self.max_inflight_per_worker)
+            .collect();
+        if free.is_empty() {
+            return Err(PickError::AllBusy(role));
+        }
+        Ok(free)
+    }
+
+    /// Prefill (or unified) worker: the one already holding most of the prompt's leading blocks,
+    /// less its load; a cached block is worth a few queued requests.
+    pub fn pick_by_prefix(
+        &self,
+        role: Role,
+        hashes: &[u64],
+        exclude: &[String],
+    ) -> Result<Arc<WorkerEntry>, PickError> {
+        let best = self
+            .candidates(role, exclude)?
+            .into_iter()
+            .max_by(|a, b| {
+                let score = |w: &WorkerEntry| {
+                    4.0 * w.recent.lock().expect("lock").matched(hashes) as f64
+                        - w.inflight() as f64
+                };
+                score(a).total_cmp(&score(b))
+            })
+            .expect("candidates are non-empty");
+        best.recent.lock().expect("lock").record(hashes);
+        Ok(best)
+    }
+
+    /// Decode worker: most free KV blocks, preferring the prefill worker's topology domain so the
+    /// KV does not leave it.
+    pub fn pick_decode(
+        &self,
+        domain: &str,
+        exclude: &[String],
+    ) -> Result<Arc<WorkerEntry>, PickError> {
+        let candidates = self.candidates(Role::Decode, exclude)?;
+        let key = |w: &Arc<WorkerEntry>| {
+            (
+                !domain.is_empty() && w.domain() == domain,
+                w.free_blocks() - w.inflight() as i64,
+            )
+        };
+        Ok(candidates
+            .into_iter()
+            .max_by_key(key)
+            .expect("candidates are non-empty"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(list: &[(&str, Role)]) -> Pool {
+        let p = Pool::new(2);
+        let list: Vec<_> = list.iter().map(|(a, r)| (a.to_string(), *r)).collect();
+        p.set_workers(&list).unwrap();
+        p
+    }
+
+    fn set_status(p: &Pool, addr: &str, domain: &str, used: u32) {
+        let w = p.workers().into_iter().find(|w| w.addr == addr).unwrap();
+        w.healthy.store(true, Ordering::Relaxed);
+        *w.status.lock().unwrap() = Some(WorkerStatus {
+            domain: domain.into(),
+            blocks_total: 100,
+            blocks_used: used,
+            ready: true,
+            ..Default::default()
+        });
+    }
+
+    #[tokio::test]
+    async fn prefill_follows_the_prefix_then_the_load() {
+        let p = pool(&[("http://a:1", Role::Prefill), ("http://b:1", Role::Prefill)]);
+        set_status(&p, "http://a:1", "", 0);
+        set_status(&p, "http://b:1", "", 0);
+        let first = p.pick_by_prefix(Role::Prefill, &[1, 2, 3], &[]).unwrap();
+        let _busy = first.start();
+        // Same prefix: the warm worker wins despite one request in flight.
+        assert_eq!(
+            p.pick_by_prefix(Role::Prefill, &[1, 2, 3], &[])
+                .unwrap()
+                .addr,
+            first.addr
+        );
+        // A new prefix goes to the idle one.
+        assert_ne!(
+            p.pick_by_prefix(Role::Prefill, &[9], &[]).unwrap().addr,
+            first.addr
+        );
+    }
+
+    #[tokio::test]
+    async fn decode_prefers_the_same_domain_then_free_blocks() {
+        let p = pool(&[
+            ("http://x:1", Role::Decode),
+            ("http://y:1", Role::Decode),
+            ("http://z:1", Role::Decode),
+        ]);
+        set_status(&p, "http://x:1", "rack-a", 90);
+        set_status(&p, "http://y:1", "rack-b", 0);
+        set_status(&p, "http://z:1", "rack-a", 50);
+        assert_eq!(p.pick_decode("rack-a", &[]).unwrap().addr, "http://z:1");
+        assert_eq!(p.pick_decode("rack-c", &[]).unwrap().addr, "http://y:1");
+        assert_eq!(
+            p.pick_decode("rack-a", &["http://z:1".into()])
+                .unwrap()
+                .addr,
+            "http://x:1"
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_and_unhealthy_workers_are_told_apart() {
+        let p = pool(&[("http://a:1", Role::Unified)]);
+        assert_eq!(
+            p.pick_by_prefix(Role::Unified, &[], &[]).unwrap_err(),
+            PickError::NoneHealthy(Role::Unified)
+        );
+        set_status(&p, "http://a:1", "", 0);
+        let w = p.pick_by_prefix(Role::Unified, &[], &[]).unwrap();
+        let (_g1, _g2) = (w.start(), w.start());
+        assert_eq!(
+            p.pick_by_prefix(Role::Unified, &[], &[]).unwrap_err(),
+            PickError::AllBusy(Role::Unified)
+        );
+    }
+}

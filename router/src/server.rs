@@ -1,0 +1,455 @@
+//! `POST /v1/completions`: validates, picks workers, runs the request (prefill then decode, or
+//! unified), and answers as JSON or server-sent events.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use pdfleet_worker::kv_cache::prefix_hashes;
+use pdfleet_worker::serve::proto::{
+    AttachRequest, GenerateRequest, PrefillRequest, SamplingParams, TokenBatch,
+};
+use pdfleet_worker::serve::Role;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
+use crate::metrics::RouterMetrics;
+use crate::pool::{InflightGuard, Mode, PickError, Pool};
+use crate::tokenizer;
+
+pub struct App {
+    pub pool: Arc<Pool>,
+    pub limits: ModelLimits,
+    pub metrics: RouterMetrics,
+    pub next_id: AtomicU64,
+    /// Other workers to try after one fails before any token.
+    pub max_retries: usize,
+}
+
+/// What the generation task tells the response.
+enum GenEvent {
+    Token(u32),
+    Finish(String),
+    /// Before any token: the request failed as a whole (HTTP error).
+    Refused(ApiError),
+    /// After tokens went out: the stream ends with an error event.
+    Broken(String),
+}
+
+fn pick_error(e: PickError) -> ApiError {
+    match e {
+        PickError::NoneHealthy(role) => ApiError::unavailable(format!("no healthy {role} worker")),
+        PickError::AllBusy(role) => ApiError::overloaded(format!(
+            "every {role} worker is at its in-flight limit; retry later"
+        )),
+    }
+}
+
+/// A worker's refusal before any token, as the client should see it.
+fn refusal(status: &Status) -> ApiError {
+    match status.code() {
+        Code::InvalidArgument => ApiError::invalid("prompt", status.message().to_string()),
+        Code::ResourceExhausted => ApiError::overloaded(status.message().to_string()),
+        _ => ApiError::upstream(format!("worker failed: {}", status.message())),
+    }
+}
+
+/// Whether another worker of the same role may do better.
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::FailedPrecondition
+    )
+}
+
+fn sampling(req: &CompletionRequest) -> SamplingParams {
+    SamplingParams {
+        max_tokens: req.max_tokens as u32,
+        temperature: req.temperature,
+        seed: req.seed,
+        stop_token: None,
+    }
+}
+
+async fn forward_tokens(mut stream: tonic::Streaming<TokenBatch>, tx: &mpsc::Sender<GenEvent>) {
+    loop {
+        match stream.message().await {
+            Ok(Some(batch)) => {
+                for t in batch.tokens {
+                    if tx.send(GenEvent::Token(t)).await.is_err() {
+                        return; // client gone: dropping the stream cancels the work upstream
+                    }
+                }
+                if !batch.finish_reason.is_empty() {
+                    let _ = tx.send(GenEvent::Finish(batch.finish_reason)).await;
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = tx
+                    .send(GenEvent::Broken(
+                        "the worker closed the stream before the last token".into(),
+                    ))
+                    .await;
+                return;
+            }
+            Err(status) => {
+                let _ = tx
+                    .send(GenEvent::Broken(format!(
+                        "worker lost mid-stream: {}",
+                        status.message()
+                    )))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn run_unified(
+    app: Arc<App>,
+    req: CompletionRequest,
+    request_id: String,
+    tx: mpsc::Sender<GenEvent>,
+) {
+    let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
+    let mut tried = Vec::new();
+    loop {
+        let worker = match app.pool.pick_by_prefix(Role::Unified, &hashes, &tried) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                return;
+            }
+        };
+        let _inflight = worker.start();
+        let call = GenerateRequest {
+            request_id: request_id.clone(),
+            prompt: req.prompt.clone(),
+            params: Some(sampling(&req)),
+        };
+        match worker.client.clone().generate(call).await {
+            Ok(resp) => return forward_tokens(resp.into_inner(), &tx).await,
+            Err(status) if retryable(&status) && tried.len() < app.max_retries => {
+                if status.code() == Code::Unavailable {
+                    worker.mark_unhealthy();
+                }
+                app.metrics.retries.with_label_values(&["unified"]).inc();
+                tried.push(worker.addr.clone());
+            }
+            Err(status) => {
+                let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn run_disaggregated(
+    app: Arc<App>,
+    req: CompletionRequest,
+    request_id: String,
+    tx: mpsc::Sender<GenEvent>,
+) {
+    let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
+    let mut tried_prefill = Vec::new();
+    let mut tried_decode = Vec::new();
+    let (decode, _decode_inflight, first) = loop {
+        let prefill = match app
+            .pool
+            .pick_by_prefix(Role::Prefill, &hashes, &tried_prefill)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                return;
+            }
+        };
+        let decode = match app.pool.pick_decode(&prefill.domain(), &tried_decode) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                return;
+            }
+        };
+        let (_p, d): (InflightGuard, InflightGuard) = (prefill.start(), decode.start());
+        let call = PrefillRequest {
+            request_id: request_id.clone(),
+            prompt: req.prompt.clone(),
+            params: Some(sampling(&req)),
+            decode_addr: decode.addr.clone(),
+        };
+        match prefill.client.clone().prefill(call).await {
+            Ok(resp) => break (decode, d, resp.into_inner()),
+            Err(status)
+                if retryable(&status)
+                    && tried_prefill.len() + tried_decode.len() < app.max_retries =>
+            {
+                // The prefill worker names the decode worker in errors that are the decode
+                // worker's (no room, unreachable): then only the decode worker is replaced.
+                if status.message().starts_with("decode ") {
+                    app.metrics.retries.with_label_values(&["decode"]).inc();
+                    tried_decode.push(decode.addr.clone());
+                } else {
+                    if status.code() == Code::Unavailable {
+                        prefill.mark_unhealthy();
+                    }
+                    app.metrics.retries.with_label_values(&["prefill"]).inc();
+                    tried_prefill.push(prefill.addr.clone());
+                }
+            }
+            Err(status) => {
+                let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
+                return;
+            }
+        }
+    };
+    if first.transfer_seconds > 0.0 {
+        app.metrics
+            .kv_transfer_seconds
+            .observe(first.transfer_seconds);
+    }
+    if tx.send(GenEvent::Token(first.first_token)).await.is_err() {
+        return;
+    }
+    if !first.finish_reason.is_empty() {
+        let _ = tx.send(GenEvent::Finish(first.finish_reason)).await;
+        return;
+    }
+    match decode
+        .client
+        .clone()
+        .attach(AttachRequest { request_id })
+        .await
+    {
+        Ok(resp) => forward_tokens(resp.into_inner(), &tx).await,
+        Err(status) => {
+            let _ = tx
+                .send(GenEvent::Broken(format!(
+                    "decode worker failed: {}",
+                    status.message()
+                )))
+                .await;
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Records latencies as tokens go out to the client.
+struct Timing {
+    start: Instant,
+    last: Option<Instant>,
+    metrics: RouterMetrics,
+}
+
+impl Timing {
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last {
+            None => self.metrics.ttft.observe((now - self.start).as_secs_f64()),
+            Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
+        }
+        self.last = Some(now);
+    }
+
+    fn finish(&self, outcome: &str) {
+        self.metrics.requests.with_label_values(&[outcome]).inc();
+        if outcome == "ok" {
+            self.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+struct InflightMetric(RouterMetrics);
+
+impl Drop for InflightMetric {
+    fn drop(&mut self) {
+        self.0.inflight.dec();
+    }
+}
+
+pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let req = match api::parse(&body, &app.limits) {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.requests.with_label_values(&["invalid"]).inc();
+            return e.into_response();
+        }
+    };
+    app.metrics.inflight.inc();
+    let inflight = InflightMetric(app.metrics.clone());
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let request_id = format!("cmpl-{:x}-{n}", now_unix());
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = {
+        let (app, req, id) = (app.clone(), req.clone(), request_id.clone());
+        match app.pool.mode() {
+            Mode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx)),
+            Mode::Unified => tokio::spawn(run_unified(app, req, id, tx)),
+        }
+    };
+    drop(task);
+    let mut timing = Timing {
+        start,
+        last: None,
+        metrics: app.metrics.clone(),
+    };
+    // Up to the first token a failure is an HTTP error; after it, an error event in the stream.
+    let first = match rx.recv().await {
+        Some(GenEvent::Refused(e)) => {
+            timing.finish(if e.status.as_u16() == 429 {
+                "overloaded"
+            } else {
+                "refused"
+            });
+            return e.into_response();
+        }
+        Some(ev) => ev,
+        None => {
+            timing.finish("error");
+            return ApiError::upstream("generation ended without a result").into_response();
+        }
+    };
+    let created = now_unix();
+    let model = app.limits.name.clone();
+    if !req.stream {
+        let mut tokens = Vec::new();
+        let mut finish = None;
+        let mut ev = Some(first);
+        while let Some(e) = ev {
+            match e {
+                GenEvent::Token(t) => {
+                    timing.token();
+                    tokens.push(t);
+                }
+                GenEvent::Finish(r) => {
+                    finish = Some(r);
+                    break;
+                }
+                GenEvent::Refused(e) => return e.into_response(),
+                GenEvent::Broken(m) => {
+                    timing.finish("broken");
+                    return ApiError::upstream(m).into_response();
+                }
+            }
+            ev = rx.recv().await;
+        }
+        let Some(finish) = finish else {
+            timing.finish("broken");
+            return ApiError::upstream("generation ended without a finish reason").into_response();
+        };
+        timing.finish("ok");
+        drop(inflight);
+        return Json(json!({
+            "id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": tokenizer::decode(&tokens), "token_ids": tokens, "finish_reason": finish}],
+            "usage": {"prompt_tokens": req.prompt.len(), "completion_tokens": tokens.len(), "total_tokens": req.prompt.len() + tokens.len()}
+        }))
+        .into_response();
+    }
+    let chunk = move |tokens: Vec<u32>, finish: Option<String>| {
+        json!({"id": request_id, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": tokenizer::decode(&tokens), "token_ids": tokens, "finish_reason": finish}]})
+    };
+    let events = async_stream(first, rx, timing, inflight, chunk);
+    Sse::new(events).into_response()
+}
+
+/// The SSE body: one event per token, the finish event, then `[DONE]`; an error event if the
+/// stream breaks.
+fn async_stream(
+    first: GenEvent,
+    rx: mpsc::Receiver<GenEvent>,
+    timing: Timing,
+    inflight: InflightMetric,
+    chunk: impl Fn(Vec<u32>, Option<String>) -> serde_json::Value + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<Event, Infallible>> + Send {
+    struct St<F> {
+        pending: Option<GenEvent>,
+        rx: mpsc::Receiver<GenEvent>,
+        timing: Timing,
+        done: bool,
+        /// The finish event went out; `[DONE]` follows.
+        finished: bool,
+        _inflight: InflightMetric,
+        chunk: F,
+    }
+    let st = St {
+        pending: Some(first),
+        rx,
+        timing,
+        done: false,
+        finished: false,
+        _inflight: inflight,
+        chunk,
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if st.finished {
+            st.done = true;
+            return Some((Ok(Event::default().data("[DONE]")), st));
+        }
+        let ev = match st.pending.take() {
+            Some(e) => Some(e),
+            None => st.rx.recv().await,
+        };
+        let event = match ev {
+            Some(GenEvent::Token(t)) => {
+                st.timing.token();
+                Event::default().data((st.chunk)(vec![t], None).to_string())
+            }
+            Some(GenEvent::Finish(r)) => {
+                st.timing.finish("ok");
+                st.finished = true;
+                Event::default().data((st.chunk)(vec![], Some(r)).to_string())
+            }
+            Some(GenEvent::Refused(e)) => {
+                st.timing.finish("broken");
+                st.done = true;
+                Event::default().data(e.body().to_string())
+            }
+            Some(GenEvent::Broken(m)) => {
+                st.timing.finish("broken");
+                st.done = true;
+                Event::default().data(json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}}).to_string())
+            }
+            None => {
+                st.timing.finish("broken");
+                st.done = true;
+                Event::default().data(json!({"error": {"message": "generation ended without a finish reason", "type": "server_error"}}).to_string())
+            }
+        };
+        Some((Ok(event), st))
+    })
+    .boxed()
+}
+
+pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": app.limits.name, "object": "model", "created": 0, "owned_by": "pdfleet",
+        "max_model_len": app.limits.max_seq_len}]}),
+    )
+}
