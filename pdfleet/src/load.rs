@@ -359,6 +359,8 @@ pub enum StreamEvent {
     Tokens {
         n: usize,
         finish_reason: Option<String>,
+        /// The ids themselves, where the event carries `token_ids`.
+        token_ids: Vec<u32>,
     },
     /// `{"error": {"message": ..}}`, or an event that is not valid JSON.
     Error(String),
@@ -389,10 +391,14 @@ pub fn parse_event(data: &str) -> StreamEvent {
     }
     let mut n = 0;
     let mut finish_reason = None;
+    let mut token_ids = Vec::new();
     if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
         for c in choices {
             match c.get("token_ids").and_then(|t| t.as_array()) {
-                Some(ids) => n += ids.len(),
+                Some(ids) => {
+                    n += ids.len();
+                    token_ids.extend(ids.iter().filter_map(|t| t.as_u64()).map(|t| t as u32));
+                }
                 None => {
                     if c.get("text")
                         .and_then(|t| t.as_str())
@@ -407,7 +413,11 @@ pub fn parse_event(data: &str) -> StreamEvent {
             }
         }
     }
-    StreamEvent::Tokens { n, finish_reason }
+    StreamEvent::Tokens {
+        n,
+        finish_reason,
+        token_ids,
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -1041,7 +1051,9 @@ async fn stream_request(
             match parse_event(&data) {
                 StreamEvent::Done => return Outcome::Ok,
                 StreamEvent::Error(m) => return Outcome::Error(m),
-                StreamEvent::Tokens { n, finish_reason } => {
+                StreamEvent::Tokens {
+                    n, finish_reason, ..
+                } => {
                     st.on_tokens(n, now, sent);
                     if finish_reason.is_some() {
                         st.finish_reason = finish_reason;
@@ -1233,14 +1245,16 @@ mod tests {
             parse_event(EV1),
             StreamEvent::Tokens {
                 n: 1,
-                finish_reason: None
+                finish_reason: None,
+                token_ids: vec![12],
             }
         );
         assert_eq!(
             parse_event(EV2),
             StreamEvent::Tokens {
                 n: 2,
-                finish_reason: Some("length".into())
+                finish_reason: Some("length".into()),
+                token_ids: vec![3, 4],
             }
         );
         assert_eq!(parse_event(" [DONE] "), StreamEvent::Done);

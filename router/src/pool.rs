@@ -103,6 +103,12 @@ impl WorkerEntry {
     }
 }
 
+impl std::fmt::Debug for WorkerEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} worker {}", self.role, self.addr)
+    }
+}
+
 pub struct InflightGuard(Arc<WorkerEntry>);
 
 impl Drop for InflightGuard {

@@ -1,0 +1,372 @@
+//! A real local fleet (worker and router processes on loopback) against the engine's own greedy
+//! tokens, and its failure modes: bad requests, overload, a decode worker killed mid-stream, and
+//! a SIGTERM drain that loses no request. Needs the workspace's binaries
+//! (`cargo test --release --workspace` builds them).
+
+use std::time::Duration;
+
+use pdfleet::fleet::{terminate, Fleet, FleetConfig, Mode};
+use pdfleet::load::{parse_event, SseParser, StreamEvent};
+use pdfleet_worker::backend;
+use pdfleet_worker::config::ModelConfig;
+use pdfleet_worker::engine::{generate_all, Engine, SamplingParams, SchedulerConfig};
+use pdfleet_worker::weights::Weights;
+use serde_json::{json, Value};
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..6u64)
+        .map(|i| {
+            (0..(3 + i * 41))
+                .map(|j| ((i * 31 + j * 7) % 100) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// A model large enough that decoding on the CPU lasts long enough to interrupt.
+const BIG: [&str; 8] = [
+    "--weights-seed",
+    "3",
+    "--dim",
+    "256",
+    "--n-heads",
+    "4",
+    "--n-layers",
+    "6",
+];
+
+fn big_weights() -> Weights {
+    let c = ModelConfig {
+        dim: 256,
+        n_heads: 4,
+        n_layers: 6,
+        ..Default::default()
+    };
+    Weights::from_seed(&c, 3).unwrap()
+}
+
+/// What the engine itself generates for these prompts, greedy, with the default weights.
+fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    expected_with(&Weights::embedded_primer(), prompts, max_tokens)
+}
+
+fn expected_with(w: &Weights, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let b = backend::open("cpu", w, 16, 512).unwrap();
+    let mut e = Engine::new(b, SchedulerConfig::default()).unwrap();
+    let reqs = prompts
+        .iter()
+        .map(|p| {
+            (
+                p.clone(),
+                SamplingParams {
+                    max_tokens,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    generate_all(&mut e, reqs).unwrap()
+}
+
+async fn start(mode: Mode, worker_args: &[&str], router_args: &[&str]) -> Fleet {
+    let cfg = FleetConfig {
+        mode,
+        backend: "cpu".into(),
+        worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
+        router_args: router_args.iter().map(|s| s.to_string()).collect(),
+        ..FleetConfig::default()
+    };
+    let mut fleet = Fleet::start(&cfg).unwrap();
+    fleet.wait_ready(Duration::from_secs(60)).await.unwrap();
+    fleet
+}
+
+async fn complete(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Streams a completion: returns the tokens and how the stream ended.
+async fn stream(url: &str, body: Value) -> (Vec<u32>, StreamEnd) {
+    stream_notify(url, body, None).await
+}
+
+/// Like [`stream`], and tells `first` when the first token has arrived.
+async fn stream_notify(
+    url: &str,
+    body: Value,
+    mut first: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (Vec<u32>, StreamEnd) {
+    let mut r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (mut parser, mut events, mut tokens) = (SseParser::new(), Vec::new(), Vec::new());
+    let mut end = StreamEnd::Closed;
+    while let Ok(Some(chunk)) = r.chunk().await {
+        parser.push(&chunk, &mut events);
+        for data in events.drain(..) {
+            match parse_event(&data) {
+                StreamEvent::Tokens {
+                    finish_reason,
+                    token_ids,
+                    ..
+                } => {
+                    tokens.extend(token_ids);
+                    if !tokens.is_empty() {
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    if let Some(f) = finish_reason {
+                        end = StreamEnd::Finished(f);
+                    }
+                }
+                StreamEvent::Done => return (tokens, end),
+                StreamEvent::Error(m) => return (tokens, StreamEnd::Error(m)),
+            }
+        }
+    }
+    (tokens, end)
+}
+
+#[derive(Debug, PartialEq)]
+enum StreamEnd {
+    Finished(String),
+    Error(String),
+    Closed,
+}
+
+fn tokens_of(v: &Value) -> Vec<u32> {
+    v["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_equal_the_engine_in_both_modes_streamed_or_not() {
+    let ps = prompts();
+    let want = expected(&ps, 20);
+    for mode in [Mode::Disaggregated, Mode::Colocated] {
+        let fleet = start(mode, &[], &[]).await;
+        for (p, w) in ps.iter().zip(&want) {
+            let (status, body) = complete(&fleet.url, json!({"prompt": p, "max_tokens": 20})).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(&tokens_of(&body), w, "{mode:?} non-streamed");
+            assert_eq!(body["choices"][0]["finish_reason"], "length");
+            let (tokens, end) = stream(
+                &fleet.url,
+                json!({"prompt": p, "max_tokens": 20, "stream": true}),
+            )
+            .await;
+            assert_eq!(&tokens, w, "{mode:?} streamed");
+            assert_eq!(end, StreamEnd::Finished("length".into()));
+        }
+        // A text prompt goes through the toy tokenizer and comes back as text.
+        let (status, body) = complete(
+            &fleet.url,
+            json!({"prompt": "Hello, fleet", "max_tokens": 4}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["choices"][0]["text"].as_str().unwrap().len()),
+            (200, 4)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_a_400_naming_the_field_and_overload_a_429() {
+    let fleet = start(
+        Mode::Disaggregated,
+        &[],
+        &["--max-inflight-per-worker", "1"],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/completions", fleet.url))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    for (body, param) in [
+        (json!({"prompt": ""}), "prompt"),
+        (json!({"prompt": [1, 2, 100]}), "prompt"),
+        (json!({"prompt": [1], "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": [1], "max_tokens": 5000}), "max_tokens"),
+        (json!({"prompt": [1], "temperature": "hot"}), "temperature"),
+    ] {
+        let (status, v) = complete(&fleet.url, body.clone()).await;
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}"
+        );
+    }
+    // One request in flight per worker: concurrent long ones overflow into 429 with Retry-After,
+    // and every request is either served in full or refused, never lost.
+    let long: Vec<u32> = (0..200).map(|i| i % 100).collect();
+    let sends: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url, long) = (client.clone(), fleet.url.clone(), long.clone());
+            tokio::spawn(async move {
+                let r = client
+                    .post(format!("{url}/v1/completions"))
+                    .json(&json!({"prompt": long, "max_tokens": 100}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut served = 0;
+    let mut refused = 0;
+    for s in sends {
+        let (status, retry_after, body) = s.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(tokens_of(&body).len(), 100);
+                served += 1;
+            }
+            429 => {
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert!(body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("in-flight limit"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(
+        served >= 1 && refused >= 1,
+        "served {served}, refused {refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decode_worker_killed_mid_stream_ends_the_stream_with_an_error() {
+    let mut fleet = start(Mode::Disaggregated, &BIG, &[]).await;
+    let url = fleet.url.clone();
+    let prompt: Vec<u32> = (0..600).map(|i| (i * 13 % 100) as u32).collect();
+    let reader = tokio::spawn(async move {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            stream(
+                &url,
+                json!({"prompt": prompt, "max_tokens": 1400, "stream": true}),
+            ),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let decode = fleet
+        .workers
+        .iter_mut()
+        .find(|w| w.name.starts_with("decode"))
+        .unwrap();
+    decode.child.kill().unwrap();
+    let (tokens, end) = reader
+        .await
+        .unwrap()
+        .expect("the stream ended instead of hanging");
+    assert!(
+        !tokens.is_empty() && tokens.len() < 1400,
+        "got {} tokens",
+        tokens.len()
+    );
+    assert!(
+        matches!(end, StreamEnd::Error(ref m) if m.contains("lost")),
+        "{end:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_decode_worker_without_losing_a_request() {
+    let mut fleet = start(Mode::Disaggregated, &BIG, &[]).await;
+    let ps = prompts();
+    let want = expected_with(&big_weights(), &ps, 150);
+    let mut started = Vec::new();
+    let readers: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            let (url, p) = (fleet.url.clone(), p.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            started.push(rx);
+            tokio::spawn(async move {
+                let out = stream_notify(
+                    &url,
+                    json!({"prompt": p, "max_tokens": 150, "stream": true}),
+                    Some(tx),
+                )
+                .await;
+                (out, std::time::Instant::now())
+            })
+        })
+        .collect();
+    // Every request is past its handoff (first token out, KV on the decode worker) when the
+    // decode worker is told to stop.
+    for rx in started {
+        rx.await.unwrap();
+    }
+    let decode = fleet
+        .workers
+        .iter_mut()
+        .find(|w| w.name.starts_with("decode"))
+        .unwrap();
+    terminate(&decode.child);
+    let sigterm_at = std::time::Instant::now();
+    let mut finished_after = 0;
+    for (r, w) in readers.into_iter().zip(&want) {
+        let ((tokens, end), done_at) = r.await.unwrap();
+        assert_eq!(end, StreamEnd::Finished("length".into()));
+        assert_eq!(&tokens, w);
+        finished_after += usize::from(done_at > sigterm_at);
+    }
+    // The drain had work to finish: requests were still streaming when SIGTERM arrived.
+    assert!(
+        finished_after > 0,
+        "every request finished before SIGTERM; the test proved nothing"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let decode = fleet
+            .workers
+            .iter_mut()
+            .find(|w| w.name.starts_with("decode"))
+            .unwrap();
+        decode.child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "the drained worker exits cleanly: {status}"
+    );
+}
