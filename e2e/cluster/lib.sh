@@ -25,8 +25,11 @@ K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v1\./ {print $2; exit}' "
 HELM_VERSION=v3.19.5      # the helm line made for Kubernetes 1.34
 # Prometheus 3.7.3 (Go module version v0.307.3), pinned by the wrapper module prometheus/go.mod.
 PROM_VERSION=$(awk '$1 == "github.com/prometheus/prometheus" {print $2; exit}' "$_here/prometheus/go.mod")
+# etcd 3.5, pinned by the wrapper module etcd/go.mod.
+ETCD_VERSION=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$_here/etcd/go.mod")
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pdfleet
 K8S_BIN=$CACHE_DIR/k8s-$K8S_VERSION/bin
 HELM_BIN=$CACHE_DIR/helm-$HELM_VERSION/bin
 PROM_BIN=$CACHE_DIR/prometheus-$PROM_VERSION/bin
-export PATH=$K8S_BIN:$HELM_BIN:$PROM_BIN:$PATH
+ETCD_BIN=$CACHE_DIR/etcd-$ETCD_VERSION/bin
+export PATH=$K8S_BIN:$HELM_BIN:$PROM_BIN:$ETCD_BIN:$PATH
