@@ -27,9 +27,13 @@ HELM_VERSION=v3.19.5      # the helm line made for Kubernetes 1.34
 PROM_VERSION=$(awk '$1 == "github.com/prometheus/prometheus" {print $2; exit}' "$_here/prometheus/go.mod")
 # etcd 3.5, pinned by the wrapper module etcd/go.mod.
 ETCD_VERSION=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$_here/etcd/go.mod")
+# CI may run with a bare environment: Go and the cache folder need a HOME.
+export HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pdfleet
 K8S_BIN=$CACHE_DIR/k8s-$K8S_VERSION/bin
 HELM_BIN=$CACHE_DIR/helm-$HELM_VERSION/bin
 PROM_BIN=$CACHE_DIR/prometheus-$PROM_VERSION/bin
 ETCD_BIN=$CACHE_DIR/etcd-$ETCD_VERSION/bin
+ASSETS_DIR=$CACHE_DIR/kubebuilder-assets-$K8S_VERSION-etcd-$ETCD_VERSION
 export PATH=$K8S_BIN:$HELM_BIN:$PROM_BIN:$ETCD_BIN:$PATH
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin # where the machine image puts Go
