@@ -1,5 +1,6 @@
 //! The `pdfleet` CLI's library: a local fleet of real worker and router processes, and the load
 //! generator. Integration tests use both.
 
+pub mod experiment;
 pub mod fleet;
 pub mod load;

@@ -53,6 +53,9 @@ enum Command {
     /// Open-loop Poisson load against a router's /v1/completions; prints latency
     /// percentiles, throughput and goodput
     Load(load::LoadArgs),
+    /// Colocated against disaggregated serving, with and without chunked prefill, under the
+    /// same load on the same cores; writes CSVs and a summary to --out
+    Experiment(pdfleet::experiment::ExperimentArgs),
 }
 
 async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
@@ -141,5 +144,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Local(args) => local(args).await,
         Command::Load(args) => load::run_cli(args).await,
+        Command::Experiment(args) => {
+            pdfleet::experiment::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! or sends whole requests to unified workers.
 
 mod api;
+mod discovery;
 mod metrics;
 mod pool;
 mod server;
@@ -31,6 +32,11 @@ struct Args {
     /// Unified worker gRPC address (repeatable).
     #[arg(long = "unified")]
     unified: Vec<String>,
+    /// Find the workers of this InferencePool through its EndpointSlices (in-cluster).
+    #[arg(long)]
+    discover_pool: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    discover_namespace: String,
     /// Model name clients must ask for (or omit).
     #[arg(long, default_value = "toy")]
     model_name: String,
@@ -67,11 +73,21 @@ async fn main() -> anyhow::Result<()> {
     ] {
         workers.extend(list.iter().map(|a| (a.clone(), role)));
     }
-    if workers.is_empty() {
-        anyhow::bail!("no workers: give --prefill and --decode, or --unified");
+    if let Some(name) = &args.discover_pool {
+        let client = kube::Client::try_default().await?;
+        tokio::spawn(discovery::watch(
+            client,
+            args.discover_namespace.clone(),
+            name.clone(),
+            pool.clone(),
+        ));
+    } else if workers.is_empty() {
+        anyhow::bail!("no workers: give --prefill and --decode, or --unified, or --discover-pool");
     }
-    pool.set_workers(&workers)?;
-    pool.poll_once().await;
+    if !workers.is_empty() {
+        pool.set_workers(&workers)?;
+        pool.poll_once().await;
+    }
     tokio::spawn(pool.clone().poll_forever(Duration::from_millis(500)));
 
     let metrics = metrics::RouterMetrics::new(&args.pool, &args.pod);

@@ -141,7 +141,10 @@ mod tests {
         a.push(&datas[0]).unwrap();
         assert!(a.push(&bad).unwrap_err().contains("checksum"));
         let mut a = Assembler::new(data.len());
-        assert!(a.push(&datas[1]).unwrap_err().contains("expected 0"));
+        assert!(a
+            .push(&datas[1])
+            .unwrap_err()
+            .contains("arrived where 0 was expected"));
         let mut a = Assembler::new(data.len());
         a.push(&datas[0]).unwrap();
         assert!(a.finish().unwrap_err().contains("announced"));

@@ -1,0 +1,398 @@
+//! The `InferencePool` API: a pool of prefill and decode workers (or unified ones) and a router,
+//! for one model. Validation lives in the schema and in CEL rules, so that an invalid pool is
+//! refused at `kubectl apply` with a message a person understands.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pdfleet.dev",
+    version = "v1alpha1",
+    kind = "InferencePool",
+    namespaced,
+    shortname = "ipool",
+    status = "InferencePoolStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Prefill","type":"string","jsonPath":".status.prefillReplicas"}"#,
+    printcolumn = r#"{"name":"Decode","type":"string","jsonPath":".status.decodeReplicas"}"#,
+    printcolumn = r#"{"name":"TTFT ms","type":"number","jsonPath":".status.ttftMs"}"#,
+    printcolumn = r#"{"name":"ITL ms","type":"number","jsonPath":".status.itlMs"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'Disaggregated' || (has(self.prefill) && has(self.decode))").message("a Disaggregated pool needs both prefill and decode"))]
+#[x_kube(validation = Rule::new("self.mode != 'Disaggregated' || !has(self.unified)").message("a Disaggregated pool runs prefill and decode workers; remove unified"))]
+#[x_kube(validation = Rule::new("self.mode != 'Colocated' || has(self.unified)").message("a Colocated pool needs unified"))]
+#[x_kube(validation = Rule::new("self.mode != 'Colocated' || (!has(self.prefill) && !has(self.decode))").message("a Colocated pool runs unified workers only; remove prefill and decode"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || !self.autoscaling.enabled || has(self.slo)").message("autoscaling needs slo targets to scale against"))]
+pub struct InferencePoolSpec {
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub mode: PoolMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<RoleSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<RoleSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unified: Option<RoleSpec>,
+    #[serde(default)]
+    pub router: RouterSpec,
+    /// Where prefill and decode are co-located so that KV moves over the shortest path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<SloSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// Worker and router image unless a role overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PoolMode {
+    /// Prefill and decode workers; KV moves from one to the other.
+    #[default]
+    Disaggregated,
+    /// Unified workers that prefill and decode alike.
+    Colocated,
+}
+
+/// The engine's model. With the defaults it is the primer's toy attention model.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.dim % self.nHeads == 0").message("nHeads must divide dim"))]
+#[x_kube(validation = Rule::new("self.nHeads % self.nKvHeads == 0").message("nKvHeads must divide nHeads"))]
+#[x_kube(validation = Rule::new("self.dim / self.nHeads <= 256").message("the head size (dim / nHeads) must be at most 256"))]
+pub struct ModelSpec {
+    /// The name clients ask for in requests.
+    #[serde(default = "default_model_name")]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    #[serde(default = "default_vocab")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub vocab_size: u32,
+    #[serde(default = "default_dim")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub dim: u32,
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub n_heads: u32,
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub n_kv_heads: u32,
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub n_layers: u32,
+    #[serde(default = "default_max_seq_len")]
+    #[schemars(range(min = 2, max = 1048576))]
+    pub max_seq_len: u32,
+    #[serde(default)]
+    pub kv_dtype: KvDtype,
+    #[serde(default)]
+    pub weights: WeightsSpec,
+}
+
+fn default_model_name() -> String {
+    "toy".into()
+}
+fn default_vocab() -> u32 {
+    100
+}
+fn default_dim() -> u32 {
+    32
+}
+fn one() -> u32 {
+    1
+}
+fn default_max_seq_len() -> u32 {
+    2048
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Weights drawn from a seed, or read from a safetensors file on a volume; with neither, the
+/// primer's seed-7 model that every worker embeds.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.seed) && has(self.file))").message("weights come from a seed or a file, not both"))]
+#[x_kube(validation = Rule::new("!has(self.file) || has(self.persistentVolumeClaim) || has(self.configMap)").message("a weights file needs the volume it is on: persistentVolumeClaim or configMap"))]
+pub struct WeightsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Path of the safetensors file inside the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.replicas").message("minReplicas must not exceed replicas"))]
+#[x_kube(validation = Rule::new("!has(self.maxReplicas) || self.replicas <= self.maxReplicas").message("replicas must not exceed maxReplicas"))]
+pub struct RoleSpec {
+    #[serde(default = "one_i32")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: Option<i32>,
+    #[serde(default)]
+    pub resources: ResourceSpec,
+    #[serde(default)]
+    pub engine: EngineSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// How long a worker may take to finish in-flight work when stopped.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub grace_period_seconds: i64,
+}
+
+fn one_i32() -> i32 {
+    1
+}
+fn default_grace() -> i64 {
+    30
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSpec {
+    /// CPU request, e.g. "500m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory request and limit, e.g. "1Gi".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// nvidia.com/gpu per pod.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus: u32,
+}
+
+/// Engine knobs; unset ones take the worker's defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.maxBatchTokens) || !has(self.maxRunning) || self.maxBatchTokens >= self.maxRunning").message("maxBatchTokens must be at least maxRunning: every running sequence decodes a token per step"))]
+pub struct EngineSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub kv_blocks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_batch_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub chunk_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_running: Option<u32>,
+    /// Send KV to decode workers as f16 (halves the bytes of an f32 cache).
+    #[serde(default)]
+    pub kv_wire_f16: bool,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    #[serde(default = "one_i32")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub service_type: ServiceType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        RouterSpec {
+            replicas: 1,
+            service_type: ServiceType::ClusterIP,
+            image: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopologySpec {
+    /// Node label whose value is a domain: kubernetes.io/hostname, a rack label, or
+    /// topology.kubernetes.io/zone.
+    #[schemars(length(min = 1, max = 316))]
+    pub key: String,
+    #[serde(default)]
+    pub policy: TopologyPolicy,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TopologyPolicy {
+    /// Prefill and decode pods must share a domain (pods stay Pending otherwise).
+    #[default]
+    Required,
+    /// Share a domain when there is room; otherwise run elsewhere.
+    Preferred,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.quantile > 0.0 && self.quantile < 1.0").message("quantile must be between 0 and 1, e.g. 0.99"))]
+pub struct SloSpec {
+    /// Time to first token target, milliseconds.
+    #[schemars(range(min = 1))]
+    pub ttft_ms: u32,
+    /// Inter-token latency target, milliseconds.
+    #[schemars(range(min = 1))]
+    pub itl_ms: u32,
+    #[serde(default = "default_quantile")]
+    pub quantile: f64,
+}
+
+fn default_quantile() -> f64 {
+    0.99
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.prometheusUrl.startsWith('http://') || self.prometheusUrl.startsWith('https://')").message("prometheusUrl must be an http:// or https:// URL"))]
+pub struct AutoscalingSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    pub prometheus_url: String,
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub interval_seconds: u32,
+    #[serde(default = "default_up_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: u32,
+    #[serde(default = "default_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+}
+
+fn default_interval() -> u32 {
+    15
+}
+fn default_up_window() -> u32 {
+    0
+}
+fn default_down_window() -> u32 {
+    300
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    pub ready: i32,
+    pub desired: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<RoleStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<RoleStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unified: Option<RoleStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RoleStatus>,
+    /// "ready/desired" of the prefill role (the unified role in a Colocated pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_replicas: Option<String>,
+    /// "ready/desired" of the decode role (the unified role in a Colocated pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_replicas: Option<String>,
+    /// Observed time to first token at the SLO's quantile, from Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    /// Observed inter-token latency at the SLO's quantile, from Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itl_ms: Option<f64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD as YAML, as committed in `crds/inferencepool.yaml` and the chart.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&InferencePool::crd()).expect("the CRD serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_crd_yaml_is_current() {
+        let committed = include_str!("../inferencepool.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/inferencepool.yaml is stale: run `cargo run -p pdfleet-crds --bin crdgen > crds/inferencepool.yaml` and copy it to charts/pdfleet/crds/"
+        );
+        let chart = include_str!("../../charts/pdfleet/crds/inferencepool.yaml");
+        assert!(
+            chart == committed,
+            "charts/pdfleet/crds/inferencepool.yaml differs from crds/inferencepool.yaml"
+        );
+    }
+
+    #[test]
+    fn the_schema_carries_the_cel_rules_and_defaults() {
+        let yaml = crd_yaml();
+        for rule in [
+            "nHeads must divide dim",
+            "minReplicas must not exceed replicas",
+            "a Disaggregated pool needs both prefill and decode",
+        ] {
+            assert!(yaml.contains(rule), "missing rule {rule}");
+        }
+    }
+
+    #[test]
+    fn a_minimal_pool_takes_the_primer_model() {
+        let spec: InferencePoolSpec = serde_json::from_value(serde_json::json!({
+            "model": {}, "prefill": {}, "decode": {"replicas": 2}
+        }))
+        .unwrap();
+        assert_eq!(
+            (spec.model.dim, spec.model.vocab_size, spec.mode),
+            (32, 100, PoolMode::Disaggregated)
+        );
+        assert_eq!(spec.decode.unwrap().replicas, 2);
+        assert_eq!(spec.router.replicas, 1);
+    }
+}

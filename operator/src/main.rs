@@ -1,0 +1,158 @@
+//! pdfleet-operator: reconciles InferencePools into prefill, decode (or unified) and router
+//! workloads co-located by topology, and reports their status.
+
+mod build;
+mod error;
+mod lease;
+mod metrics;
+mod reconcile;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::Parser;
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use pdfleet_crds::InferencePool;
+
+#[derive(Parser, Debug)]
+#[command(name = "pdfleet-operator", version, about)]
+struct Args {
+    /// Image for workers when a pool names none.
+    #[arg(
+        long,
+        env = "PDFLEET_WORKER_IMAGE",
+        default_value = "pdfleet/worker:dev"
+    )]
+    worker_image: String,
+    /// Image for routers when a pool names none.
+    #[arg(
+        long,
+        env = "PDFLEET_ROUTER_IMAGE",
+        default_value = "pdfleet/router:dev"
+    )]
+    router_image: String,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    http_addr: SocketAddr,
+    /// Elect a leader through a Lease so that several replicas can run.
+    #[arg(long)]
+    leader_elect: bool,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "POD_NAME", default_value = "pdfleet-operator")]
+    identity: String,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+const CRD_NAME: &str = "inferencepools.pdfleet.dev";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if args.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let client = Client::try_default().await?;
+    // Fail at start, clearly, rather than watch a type the API server does not know.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    if crds.get_opt(CRD_NAME).await?.is_none() {
+        anyhow::bail!("the CRD {CRD_NAME} is not installed: kubectl apply -f crds/inferencepool.yaml (the Helm chart installs it)");
+    }
+
+    let metrics = metrics::Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = {
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        axum::Router::new()
+            .route("/metrics", get(move || async move { metrics.encode() }))
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || async move {
+                    if ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not leading yet")
+                    }
+                }),
+            )
+    };
+    let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
+    tokio::spawn(async move { axum::serve(listener, http).await });
+
+    let election = args.leader_elect.then(|| {
+        lease::LeaderElection::new(
+            client.clone(),
+            &args.lease_namespace,
+            "pdfleet-operator",
+            &args.identity,
+        )
+    });
+    if let Some(e) = &election {
+        e.acquire().await?;
+    }
+    ready.store(true, Ordering::SeqCst);
+
+    let ctx = Arc::new(reconcile::Context {
+        client: client.clone(),
+        defaults: build::Defaults {
+            worker_image: args.worker_image,
+            router_image: args.router_image,
+        },
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "pdfleet-operator".into(),
+                instance: Some(args.identity.clone()),
+            },
+        ),
+        metrics,
+    });
+    let pools: Api<InferencePool> = Api::all(client.clone());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=pdfleet-operator");
+    let controller = Controller::new(pools, watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        });
+    tracing::info!("operator running");
+    match &election {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => e.release().await,
+                // Leadership lost: stop at once so that two leaders never act together.
+                _ = e.hold() => anyhow::bail!("leadership lost"),
+            }
+        }
+        None => controller.await,
+    }
+    tracing::info!("operator stopped");
+    Ok(())
+}
