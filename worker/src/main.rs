@@ -23,6 +23,18 @@ struct Cli {
 enum Command {
     /// Serves as a prefill, decode or unified worker (gRPC plus HTTP metrics and health).
     Serve(Box<ServeArgs>),
+    /// Generates from one prompt and prints the token ids (the reference e2e tests compare with).
+    Generate {
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        prompt: Vec<u32>,
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[command(flatten)]
+        model: pdfleet_worker::serve::ModelArgs,
+    },
     /// Checks the engine against a golden-vector folder (cases.json + weights.safetensors).
     CheckVectors {
         dir: PathBuf,
@@ -87,6 +99,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve::serve(*args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            prompt,
+            max_tokens,
+            backend,
+            model,
+        } => {
+            let weights = model.load()?;
+            let blocks = (prompt.len() + max_tokens).div_ceil(16) + 1;
+            let b = pdfleet_worker::backend::open(&backend, &weights, 16, blocks)?;
+            let mut engine = pdfleet_worker::engine::Engine::new(b, Default::default())?;
+            let params = pdfleet_worker::engine::SamplingParams {
+                max_tokens,
+                ..Default::default()
+            };
+            let out = pdfleet_worker::engine::generate_all(&mut engine, vec![(prompt, params)])?;
+            println!(
+                "{}",
+                out[0]
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckVectors {
