@@ -45,6 +45,47 @@ pub struct ExperimentArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 11)]
     pub seed: u64,
+    /// GPUs to spread the workers over (one each when there are as many); 0 leaves them be
+    #[arg(long, default_value_t = 0)]
+    pub gpus: usize,
+}
+
+/// KV transfer totals over a run, read from the workers' and the router's metrics.
+#[derive(Serialize, Default, Debug)]
+struct Transfer {
+    bytes: f64,
+    seconds: f64,
+    transfers: f64,
+    /// Mean transfer time over mean TTFT.
+    share_of_ttft: Option<f64>,
+    gb_per_s: Option<f64>,
+}
+
+/// Sums the samples of one metric (all label sets) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn transfer_totals(fleet: &Fleet) -> Transfer {
+    let client = reqwest::Client::new();
+    let mut t = Transfer::default();
+    for w in fleet.workers.iter().filter(|w| w.name.starts_with("prefill")) {
+        let Some(http) = &w.http else { continue };
+        if let Ok(r) = client.get(format!("{http}/metrics")).send().await {
+            let text = r.text().await.unwrap_or_default();
+            t.bytes += metric_sum(&text, "pdfleet_worker_kv_transfer_bytes_total");
+            t.seconds += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_sum");
+            t.transfers += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_count");
+        }
+    }
+    if t.seconds > 0.0 {
+        t.gb_per_s = Some(t.bytes / t.seconds / 1e9);
+    }
+    t
 }
 
 #[derive(Serialize)]
@@ -55,6 +96,7 @@ struct Arm {
     worker_args: Vec<String>,
     csv: String,
     summary: LoadSummary,
+    kv_transfer: Transfer,
 }
 
 fn slug(s: &str) -> String {
@@ -107,6 +149,7 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
                 backend: args.backend.clone(),
                 worker_args: worker_args.clone(),
                 log_dir: Some(args.out.join("logs").join(slug(&name))),
+                gpus: args.gpus,
                 ..FleetConfig::default()
             };
             eprintln!("== {name}");
@@ -127,7 +170,11 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
                 ..LoadConfig::default()
             };
             let report = load::run_load(&load).await?;
+            let mut transfer = transfer_totals(&fleet).await;
             fleet.stop();
+            if let (Some(ttft), true) = (report.ttft_percentiles(), transfer.transfers > 0.0) {
+                transfer.share_of_ttft = Some(transfer.seconds / transfer.transfers / ttft.mean);
+            }
             eprintln!("{}", report.summary_table());
             let csv = args.out.join(format!("{}.csv", slug(&name)));
             report.write_csv(&csv)?;
@@ -138,6 +185,7 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
                 worker_args,
                 csv: csv.display().to_string(),
                 summary: report.summary(),
+                kv_transfer: transfer,
             });
         }
     }
@@ -173,5 +221,17 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
         "(milliseconds; goodput: requests with TTFT <= {} ms and mean ITL <= {} ms)",
         args.slo_ttft_ms, args.slo_itl_ms
     );
+    for a in arms.iter().filter(|a| a.kv_transfer.transfers > 0.0) {
+        let t = &a.kv_transfer;
+        println!(
+            "{}: {} KV transfers, {:.1} MB, {:.3} GB/s, mean {:.2} ms each, {:.1}% of mean TTFT",
+            a.name,
+            t.transfers,
+            t.bytes / 1e6,
+            t.gb_per_s.unwrap_or(0.0),
+            1e3 * t.seconds / t.transfers,
+            100.0 * t.share_of_ttft.unwrap_or(0.0)
+        );
+    }
     Ok(())
 }

@@ -34,6 +34,9 @@ pub struct FleetConfig {
     pub bin_dir: Option<PathBuf>,
     /// Worker and router logs go here (default: discarded).
     pub log_dir: Option<PathBuf>,
+    /// GPUs to spread workers over (worker i sees GPU i mod gpus); 0 leaves
+    /// CUDA_VISIBLE_DEVICES alone.
+    pub gpus: usize,
 }
 
 impl Default for FleetConfig {
@@ -50,6 +53,7 @@ impl Default for FleetConfig {
             router_args: Vec::new(),
             bin_dir: None,
             log_dir: None,
+            gpus: 0,
         }
     }
 }
@@ -153,6 +157,9 @@ impl Fleet {
                 .stderr(output(cfg, &name)?);
             if let Some(w) = &cfg.weights {
                 cmd.arg("--weights").arg(w);
+            }
+            if cfg.gpus > 0 {
+                cmd.env("CUDA_VISIBLE_DEVICES", (i % cfg.gpus).to_string());
             }
             let child = cmd
                 .spawn()

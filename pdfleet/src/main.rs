@@ -71,6 +71,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         router_args: Vec::new(),
         bin_dir: None,
         log_dir: args.log_dir,
+        gpus: 0,
     };
     let mut fleet = Fleet::start(&cfg)?;
     eprintln!(
