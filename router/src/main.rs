@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use clap::Parser;
 use pdfleet_worker::serve::Role;
 
@@ -108,8 +109,13 @@ async fn main() -> anyhow::Result<()> {
         .route("/metrics", get(move || async move { metrics.encode() }))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(app);
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, workers = workers.len(), "router serving");
+    // Tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm holds them back.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+    tracing::info!(addr = %args.listen, workers = workers.len(), "router serving");
     axum::serve(listener, routes)
         .with_graceful_shutdown(async {
             let mut term =

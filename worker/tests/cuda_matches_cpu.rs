@@ -132,3 +132,32 @@ fn head_size_off_the_vector_path() {
         2e-4,
     );
 }
+
+#[test]
+fn kv_blocks_round_trip_through_the_staging_copy() {
+    use pdfleet_worker::backend;
+    use pdfleet_worker::weights::Weights;
+    if !cuda::device_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let c = ModelConfig {
+            dim: 64,
+            n_heads: 2,
+            n_layers: 2,
+            kv_dtype: dtype,
+            ..Default::default()
+        };
+        let w = Weights::from_seed(&c, 1).unwrap();
+        let blocks = [5u32, 2, 9];
+        let len = backend::block_bytes(&c, 16) * blocks.len() * 2 * c.n_layers;
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        for name in ["cpu", "cuda"] {
+            let mut b = backend::open(name, &w, 16, 16).unwrap();
+            b.write_blocks(&blocks, &data).unwrap();
+            assert_eq!(b.read_blocks(&blocks).unwrap(), data, "{name} {dtype}");
+            assert_eq!(b.read_blocks(&blocks[1..2]).unwrap().len(), len / 3);
+        }
+    }
+}

@@ -82,6 +82,8 @@ struct Kernels {
     attention: CudaFunction,
     logits: CudaFunction,
     static_layout: CudaFunction,
+    gather_blocks: CudaFunction,
+    scatter_blocks: CudaFunction,
 }
 
 /// Per-step inputs and scratch, kept on the device between steps.
@@ -116,6 +118,9 @@ pub struct CudaBackend {
     s: Scratch,
     /// Sampled tokens of a [`Backend::forward`] step.
     out_tokens: Buf<u32>,
+    /// A sequence's KV on its way out or in, contiguous, and its block ids.
+    staging: Buf<u8>,
+    transfer_blocks: Buf<u32>,
     device_name: String,
 }
 
@@ -209,6 +214,8 @@ impl CudaBackend {
             attention: f("attention_kernel")?,
             logits: f("logits_kernel")?,
             static_layout: f("static_layout_kernel")?,
+            gather_blocks: f("gather_blocks_kernel")?,
+            scatter_blocks: f("scatter_blocks_kernel")?,
         };
         let up = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err);
         let l0 = &weights.layers[0];
@@ -257,6 +264,8 @@ impl CudaBackend {
             logits: Buf::new(&stream, 1)?,
         };
         let out_tokens = Buf::new(&stream, 1)?;
+        let staging = Buf::new(&stream, 1)?;
+        let transfer_blocks = Buf::new(&stream, 1)?;
         tracing::info!(device = %device_name, sm = format!("{major}.{minor}"), "CUDA backend ready");
         Ok(CudaBackend {
             config: c,
@@ -270,6 +279,8 @@ impl CudaBackend {
             cache,
             s,
             out_tokens,
+            staging,
+            transfer_blocks,
             device_name,
         })
     }
@@ -472,47 +483,59 @@ impl Backend for CudaBackend {
     }
 
     fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, EngineError> {
-        let bb = self.pool_bytes_per_block();
-        let mut out = vec![0u8; bb * blocks.len() * 2 * self.cache.len()];
-        let mut chunks = out.chunks_exact_mut(bb);
-        for (k, v) in &self.cache {
-            for pool in [k, v] {
-                for &b in blocks {
-                    let b = b as usize;
-                    let dst = chunks.next().expect("sized above");
-                    self.stream
-                        .memcpy_dtoh(&pool.slice(b * bb..(b + 1) * bb), dst)
-                        .map_err(cuda_err)?;
-                }
-            }
+        let (bb, n) = (self.pool_bytes_per_block(), blocks.len());
+        let total = bb * n * 2 * self.cache.len();
+        let st = self.stream.clone();
+        self.transfer_blocks.upload(&st, blocks)?;
+        self.staging.ensure(&st, total)?;
+        let (n_i, bb_i) = (n as i32, bb as i32);
+        for (i, pool) in self.cache.iter().flat_map(|(k, v)| [k, v]).enumerate() {
+            let mut out = self.staging.slice.slice_mut(i * n * bb..(i + 1) * n * bb);
+            let mut b = st.launch_builder(&self.kernels.gather_blocks);
+            b.arg(pool)
+                .arg(&self.transfer_blocks.slice)
+                .arg(&n_i)
+                .arg(&bb_i)
+                .arg(&mut out);
+            let cfg = LaunchConfig {
+                grid_dim: (n.max(1) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         }
-        self.stream.synchronize().map_err(cuda_err)?;
-        Ok(out)
+        st.clone_dtoh(&self.staging.slice.slice(..total))
+            .map_err(cuda_err)
     }
 
     fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), EngineError> {
-        let bb = self.pool_bytes_per_block();
-        if data.len() != bb * blocks.len() * 2 * self.cache.len() {
+        let (bb, n) = (self.pool_bytes_per_block(), blocks.len());
+        if data.len() != bb * n * 2 * self.cache.len() {
             return Err(EngineError::Backend(format!(
-                "KV data of {} bytes does not fill {} blocks",
-                data.len(),
-                blocks.len()
+                "KV data of {} bytes does not fill {n} blocks",
+                data.len()
             )));
         }
-        let mut chunks = data.chunks_exact(bb);
-        for (k, v) in &mut self.cache {
-            for pool in [k, v] {
-                for &b in blocks {
-                    let b = b as usize;
-                    let src = chunks.next().expect("length checked");
-                    self.stream
-                        .memcpy_htod(src, &mut pool.slice_mut(b * bb..(b + 1) * bb))
-                        .map_err(cuda_err)?;
-                }
-            }
+        let st = self.stream.clone();
+        self.transfer_blocks.upload(&st, blocks)?;
+        self.staging.upload(&st, data)?;
+        let (n_i, bb_i) = (n as i32, bb as i32);
+        for (i, pool) in self.cache.iter_mut().flat_map(|(k, v)| [k, v]).enumerate() {
+            let input = self.staging.slice.slice(i * n * bb..(i + 1) * n * bb);
+            let mut b = st.launch_builder(&self.kernels.scatter_blocks);
+            b.arg(&input)
+                .arg(&self.transfer_blocks.slice)
+                .arg(&n_i)
+                .arg(&bb_i)
+                .arg(pool);
+            let cfg = LaunchConfig {
+                grid_dim: (n.max(1) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         }
-        self.stream.synchronize().map_err(cuda_err)?;
-        Ok(())
+        st.synchronize().map_err(cuda_err)
     }
 
     fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError> {

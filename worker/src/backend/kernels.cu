@@ -345,3 +345,35 @@ extern "C" __global__ void static_layout_kernel(
     q_row[i] = last ? s : -1;
     if (last) { row_token[s] = i; gen_pos[s] = p + 1; }
 }
+
+// KV transfer: copies whole blocks between a cache pool and a contiguous staging buffer, so a
+// sequence's KV leaves or enters the device in one copy rather than one per block.
+extern "C" __global__ void gather_blocks_kernel(
+    const unsigned char* __restrict__ pool, const u32* __restrict__ blocks, int n_blocks, int block_bytes,
+    unsigned char* __restrict__ out)
+{
+    int b = blockIdx.x;
+    if (b >= n_blocks) return;
+    const unsigned char* src = pool + (size_t)blocks[b] * block_bytes;
+    unsigned char* dst = out + (size_t)b * block_bytes;
+    if (block_bytes % 16 == 0) {
+        for (int i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) ((uint4*)dst)[i] = ((const uint4*)src)[i];
+    } else {
+        for (int i = threadIdx.x; i < block_bytes; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+extern "C" __global__ void scatter_blocks_kernel(
+    const unsigned char* __restrict__ in, const u32* __restrict__ blocks, int n_blocks, int block_bytes,
+    unsigned char* __restrict__ pool)
+{
+    int b = blockIdx.x;
+    if (b >= n_blocks) return;
+    const unsigned char* src = in + (size_t)b * block_bytes;
+    unsigned char* dst = pool + (size_t)blocks[b] * block_bytes;
+    if (block_bytes % 16 == 0) {
+        for (int i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) ((uint4*)dst)[i] = ((const uint4*)src)[i];
+    } else {
+        for (int i = threadIdx.x; i < block_bytes; i += blockDim.x) dst[i] = src[i];
+    }
+}

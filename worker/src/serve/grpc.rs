@@ -156,7 +156,10 @@ impl WorkerService {
         if let Some(c) = self.decode_clients.lock().expect("lock").get(addr) {
             return Ok(c.clone());
         }
-        let client = WorkerClient::connect(addr.to_string())
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| Status::invalid_argument(format!("decode {addr}: bad address: {e}")))?
+            .tcp_nodelay(true);
+        let client = WorkerClient::connect(endpoint)
             .await
             .map_err(|e| Status::unavailable(format!("decode {addr}: unreachable: {e}")))?
             .max_decoding_message_size(64 << 20);

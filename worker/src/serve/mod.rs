@@ -213,6 +213,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr).await?;
     tracing::info!(role = %args.role, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, backend = backend_name, pod, "worker serving");
 
+    // Tokens and KV chunks are small writes: no Nagle delay on them.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+        |s| {
+            s.inspect(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        },
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
@@ -222,12 +231,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                async move {
-                    let _ = grpc_stop.wait_for(|s| *s).await;
-                },
-            ),
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            }),
     );
     let mut http_stop = stop_rx;
     let http_task = tokio::spawn(async move {
