@@ -1,9 +1,7 @@
 //! The router's Prometheus metrics: latencies as users feel them, labelled with pool and pod.
 
 use pdfleet_worker::serve::metrics::latency_buckets;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct RouterMetrics {
@@ -74,10 +72,6 @@ impl RouterMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
+        pdfleet_worker::serve::metrics::encode(&self.registry)
     }
 }

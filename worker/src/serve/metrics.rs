@@ -131,10 +131,15 @@ impl WorkerMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
+        encode(&self.registry)
     }
+}
+
+/// A registry in Prometheus' text format (the router's metrics use it too).
+pub fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
 }
