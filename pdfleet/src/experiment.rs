@@ -65,7 +65,9 @@ struct Transfer {
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -73,7 +75,11 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 async fn transfer_totals(fleet: &Fleet) -> Transfer {
     let client = reqwest::Client::new();
     let mut t = Transfer::default();
-    for w in fleet.workers.iter().filter(|w| w.name.starts_with("prefill")) {
+    for w in fleet
+        .workers
+        .iter()
+        .filter(|w| w.name.starts_with("prefill"))
+    {
         let Some(http) = &w.http else { continue };
         if let Ok(r) = client.get(format!("{http}/metrics")).send().await {
             let text = r.text().await.unwrap_or_default();
