@@ -217,8 +217,9 @@ pub struct EngineSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouterSpec {
+    /// 0 runs no router (the workers' Services are still there).
     #[serde(default = "one_i32")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
     #[serde(default)]
     pub service_type: ServiceType,
