@@ -94,8 +94,12 @@ async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         fleet.url, fleet.url
     );
     if !args.demo {
-        eprintln!("serving; Ctrl-C stops the fleet (workers drain first)");
-        tokio::signal::ctrl_c().await?;
+        eprintln!("serving; Ctrl-C (or SIGTERM) stops the fleet (workers drain first)");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
         fleet.stop();
         return Ok(ExitCode::SUCCESS);
     }
