@@ -343,6 +343,9 @@ pub struct InferencePoolStatus {
     /// Observed inter-token latency at the SLO's quantile, from Prometheus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub itl_ms: Option<f64>,
+    /// When the autoscaler last changed a role's replicas (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -10,7 +10,8 @@ NODE_IP=10.88.0.1
 POD_CIDR=10.88.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 API_URL=https://$NODE_IP:6443
-PROM_URL=http://127.0.0.1:9090
+# On the bridge address: the host and the pods (the operator's autoscaler) both reach it.
+PROM_URL=http://$NODE_IP:9090
 CTR_SOCK=$RUN_DIR/containerd/containerd.sock
 KUBECONFIG_PATH=$RUN_DIR/kubeconfig
 ctr_() { ctr --address "$CTR_SOCK" --namespace k8s.io "$@"; }

@@ -250,10 +250,12 @@ fn image(pool: &InferencePool, role_image: &Option<String>, default: &str) -> St
         .unwrap_or_else(|| default.to_string())
 }
 
+/// `replicas` is the spec's, or the autoscaler's when it runs.
 pub fn worker_deployment(
     pool: &InferencePool,
     role: Role,
     spec: &RoleSpec,
+    replicas: i32,
     defaults: &Defaults,
 ) -> Deployment {
     let r = role.as_str();
@@ -332,7 +334,7 @@ pub fn worker_deployment(
     Deployment {
         metadata: meta(pool, child_name(pool, r), r),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(replicas),
             selector: LabelSelector {
                 match_labels: Some(selector(pool, r)),
                 ..Default::default()
@@ -575,7 +577,7 @@ mod tests {
             rs.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
             vec![Role::Prefill, Role::Decode]
         );
-        let d = worker_deployment(&p, Role::Prefill, rs[0].1, &defaults());
+        let d = worker_deployment(&p, Role::Prefill, rs[0].1, rs[0].1.replicas, &defaults());
         assert_eq!(d.metadata.name.as_deref(), Some("chat-prefill"));
         assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].uid, "1234");
         let spec = d.spec.unwrap();
@@ -596,7 +598,7 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some("pdfleet/worker:dev"));
         let annotations = spec.template.metadata.unwrap().annotations.unwrap();
         assert_eq!(annotations["prometheus.io/scrape"], "true");
-        let decode = worker_deployment(&p, Role::Decode, rs[1].1, &defaults());
+        let decode = worker_deployment(&p, Role::Decode, rs[1].1, 7, &defaults());
         let args = decode.spec.unwrap().template.spec.unwrap().containers[0]
             .args
             .clone()
@@ -690,7 +692,7 @@ mod tests {
             "prefill": {}, "decode": {}}),
         );
         let (role, spec) = roles(&p)[0];
-        let d = worker_deployment(&p, role, spec, &defaults());
+        let d = worker_deployment(&p, role, spec, spec.replicas, &defaults());
         let pod = d.spec.unwrap().template.spec.unwrap();
         assert_eq!(
             pod.volumes.unwrap()[0]

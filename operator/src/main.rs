@@ -1,6 +1,7 @@
 //! pdfleet-operator: reconciles InferencePools into prefill, decode (or unified) and router
 //! workloads co-located by topology, and reports their status.
 
+mod autoscale;
 mod build;
 mod error;
 mod lease;
@@ -115,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
 
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
+        http: reqwest::Client::new(),
         defaults: build::Defaults {
             worker_image: args.worker_image,
             router_image: args.router_image,

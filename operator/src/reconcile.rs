@@ -17,6 +17,7 @@ use pdfleet_crds::{InferencePool, InferencePoolStatus, PoolMode, RoleStatus};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::autoscale;
 use crate::build::{self, Defaults, Role};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -25,6 +26,8 @@ pub const FIELD_MANAGER: &str = "pdfleet-operator";
 
 pub struct Context {
     pub client: Client,
+    /// For Prometheus.
+    pub http: reqwest::Client,
     pub defaults: Defaults,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -71,17 +74,26 @@ where
     Ok(())
 }
 
-/// Applies every child of the pool.
-async fn apply_children(pool: &InferencePool, ctx: &Context) -> Result<(), Error> {
+/// Applies every child of the pool; `replicas` gives each worker role's count.
+async fn apply_children(
+    pool: &InferencePool,
+    ctx: &Context,
+    replicas: &[(Role, i32)],
+) -> Result<(), Error> {
     let ns = pool.namespace().expect("pools are namespaced");
     let c = &ctx.client;
     apply::<ConfigMap>(c, &ns, &build::model_config_map(pool)).await?;
     for (role, spec) in build::roles(pool) {
+        let n = replicas
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, n)| *n)
+            .unwrap_or(spec.replicas);
         apply::<Service>(c, &ns, &build::role_service(pool, role)).await?;
         apply::<Deployment>(
             c,
             &ns,
-            &build::worker_deployment(pool, role, spec, &ctx.defaults),
+            &build::worker_deployment(pool, role, spec, n, &ctx.defaults),
         )
         .await?;
         apply::<PodDisruptionBudget>(c, &ns, &build::pdb(pool, role.as_str())).await?;
@@ -268,6 +280,81 @@ async fn event(ctx: &Context, pool: &InferencePool, type_: EventType, reason: &s
     }
 }
 
+/// Reads the pool's latencies from Prometheus when it names one, and, when autoscaling is
+/// enabled, picks each worker role's replicas. Returns what it saw, the replicas (empty: the
+/// spec's), and the time of the last change.
+async fn autoscale(
+    pool: &InferencePool,
+    ctx: &Context,
+) -> (autoscale::Observed, Vec<(Role, i32)>, Option<String>) {
+    let previous = pool.status.as_ref().and_then(|s| s.last_scale_time.clone());
+    let Some(a) = &pool.spec.autoscaling else {
+        return (Default::default(), Vec::new(), previous);
+    };
+    let q = pool.spec.slo.as_ref().map(|s| s.quantile).unwrap_or(0.99);
+    let ns = pool.namespace().expect("pools are namespaced");
+    let seen = match autoscale::observe(&ctx.http, &a.prometheus_url, &ns, &pool.name_any(), q)
+        .await
+    {
+        Ok(seen) => seen,
+        Err(e) => {
+            tracing::warn!(pool = %pool.name_any(), error = %e, "cannot read latencies from Prometheus");
+            Default::default()
+        }
+    };
+    let Some(slo) = pool.spec.slo.as_ref().filter(|_| a.enabled) else {
+        return (seen, Vec::new(), previous);
+    };
+    let since = previous
+        .as_ref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds() as f64)
+        .unwrap_or(f64::INFINITY);
+    let current = |role: Role| {
+        let s = pool.status.as_ref();
+        match role {
+            Role::Prefill => s.and_then(|s| s.prefill.as_ref()),
+            Role::Decode => s.and_then(|s| s.decode.as_ref()),
+            Role::Unified => s.and_then(|s| s.unified.as_ref()),
+        }
+        .map(|r| r.desired)
+    };
+    let mut replicas = Vec::new();
+    let mut changes = Vec::new();
+    for (role, spec) in build::roles(pool) {
+        let now = current(role).unwrap_or(spec.replicas);
+        let (observed_ms, target_ms) = autoscale::driver(role.as_str(), slo, &seen);
+        let step = autoscale::Step {
+            current: now,
+            min: spec.min_replicas.unwrap_or(spec.replicas),
+            max: spec.max_replicas.unwrap_or(spec.replicas),
+            observed_ms,
+            target_ms,
+            since_change_s: since,
+        };
+        let next = autoscale::decide(step, a);
+        if next != now {
+            changes.push(format!("{} {now} -> {next}", role.as_str()));
+        }
+        replicas.push((role, next));
+    }
+    if changes.is_empty() {
+        return (seen, replicas, previous);
+    }
+    let ms = |v: Option<f64>| {
+        v.map(|v| format!("{v:.1} ms"))
+            .unwrap_or_else(|| "no data".into())
+    };
+    let note = format!(
+        "scaled {} (TTFT {}, ITL {})",
+        changes.join(", "),
+        ms(seen.ttft_ms),
+        ms(seen.itl_ms)
+    );
+    event(ctx, pool, EventType::Normal, "Scaled", note).await;
+    (seen, replicas, Some(chrono::Utc::now().to_rfc3339()))
+}
+
 pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let start = Instant::now();
     ctx.metrics.reconciles.inc();
@@ -284,7 +371,8 @@ pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Ac
     }
     let first_time =
         pool.status.as_ref().and_then(|s| s.observed_generation) != pool.metadata.generation;
-    apply_children(&pool, &ctx).await?;
+    let (seen, replicas, scaled_at) = autoscale(&pool, &ctx).await;
+    apply_children(&pool, &ctx, &replicas).await?;
     if first_time {
         event(
             &ctx,
@@ -298,19 +386,26 @@ pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Ac
         )
         .await;
     }
-    let status = observe(&pool, &ctx).await?;
+    let mut status = observe(&pool, &ctx).await?;
+    if pool.spec.autoscaling.is_some() {
+        let round = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
+        (status.ttft_ms, status.itl_ms) = (round(seen.ttft_ms), round(seen.itl_ms));
+    }
+    status.last_scale_time = scaled_at;
     let ready = status
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     write_status(&pool, &ctx, status).await?;
     ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
-    // Children changes wake us through the watches; this is a safety net.
-    Ok(Action::requeue(Duration::from_secs(if ready {
-        300
-    } else {
-        15
-    })))
+    // Children changes wake us through the watches; otherwise this is a safety net, or the
+    // autoscaler's interval.
+    let every = match &pool.spec.autoscaling {
+        Some(a) => a.interval_seconds as u64,
+        None if ready => 300,
+        None => 15,
+    };
+    Ok(Action::requeue(Duration::from_secs(every)))
 }
 
 pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) -> Action {
