@@ -442,6 +442,12 @@ pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deploymen
         m.vocab_size.to_string(),
         "--max-seq-len".into(),
         m.max_seq_len.to_string(),
+        "--topology-key".into(),
+        pool.spec
+            .topology
+            .as_ref()
+            .map(|t| t.key.clone())
+            .unwrap_or_default(),
     ];
     let container = Container {
         name: "router".into(),

@@ -12,8 +12,8 @@ use pdfleet_worker::serve::Role;
 
 use crate::pool::Pool;
 
-/// Worker addresses in one slice, with their role.
-fn slice_workers(slice: &EndpointSlice, pool: &str) -> Vec<(String, Role)> {
+/// Worker addresses in one slice, with their role and their topology domain under `key`.
+fn slice_workers(slice: &EndpointSlice, pool: &str, key: &str) -> Vec<(String, Role, String)> {
     let service = slice
         .labels()
         .get("kubernetes.io/service-name")
@@ -38,20 +38,33 @@ fn slice_workers(slice: &EndpointSlice, pool: &str) -> Vec<(String, Role)> {
         .endpoints
         .iter()
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .flat_map(|e| e.addresses.iter())
-        .map(|ip| {
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip.clone()
-            };
-            (format!("http://{host}:{port}"), role)
+        .flat_map(|e| {
+            let domain = match key {
+                "kubernetes.io/hostname" => e.node_name.clone(),
+                "topology.kubernetes.io/zone" => e.zone.clone(),
+                _ => None,
+            }
+            .unwrap_or_default();
+            e.addresses.iter().map(move |ip| {
+                let host = if ip.contains(':') {
+                    format!("[{ip}]")
+                } else {
+                    ip.clone()
+                };
+                (format!("http://{host}:{port}"), role, domain.clone())
+            })
         })
         .collect()
 }
 
 /// Watches the pool's slices and keeps the router's worker list in step.
-pub async fn watch(client: Client, namespace: String, pool_name: String, pool: Arc<Pool>) {
+pub async fn watch(
+    client: Client,
+    namespace: String,
+    pool_name: String,
+    key: String,
+    pool: Arc<Pool>,
+) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let services = ["prefill", "decode", "unified"]
         .map(|r| format!("{pool_name}-{r}"))
@@ -79,9 +92,9 @@ pub async fn watch(client: Client, namespace: String, pool_name: String, pool: A
                 continue;
             }
         }
-        let workers: Vec<(String, Role)> = slices
+        let workers: Vec<(String, Role, String)> = slices
             .values()
-            .flat_map(|s| slice_workers(s, &pool_name))
+            .flat_map(|s| slice_workers(s, &pool_name, &key))
             .collect();
         tracing::info!(workers = workers.len(), "worker set changed");
         if let Err(e) = pool.set_workers(&workers) {
@@ -97,6 +110,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
     fn slice(service: &str, ready: &[(&str, bool)]) -> EndpointSlice {
+        // Endpoints on node-1 in zone-a.
         let mut s = EndpointSlice {
             address_type: "IPv4".into(),
             endpoints: ready
@@ -107,6 +121,8 @@ mod tests {
                         ready: Some(*r),
                         ..Default::default()
                     }),
+                    node_name: Some("node-1".into()),
+                    zone: Some("zone-a".into()),
                     ..Default::default()
                 })
                 .collect(),
@@ -136,15 +152,31 @@ mod tests {
 
     #[test]
     fn ready_endpoints_become_workers_of_the_services_role() {
-        let w = slice_workers(
-            &slice("chat-decode", &[("10.0.0.5", true), ("10.0.0.6", false)]),
-            "chat",
+        let s = slice("chat-decode", &[("10.0.0.5", true), ("10.0.0.6", false)]);
+        let w = slice_workers(&s, "chat", "topology.kubernetes.io/zone");
+        assert_eq!(
+            w,
+            vec![(
+                "http://10.0.0.5:50051".to_string(),
+                Role::Decode,
+                "zone-a".to_string()
+            )]
         );
-        assert_eq!(w, vec![("http://10.0.0.5:50051".to_string(), Role::Decode)]);
+        assert_eq!(
+            slice_workers(&s, "chat", "kubernetes.io/hostname")[0].2,
+            "node-1"
+        );
+        assert_eq!(
+            slice_workers(&s, "chat", "example.com/rack")[0].2,
+            "",
+            "other keys: the worker says"
+        );
         assert!(
-            slice_workers(&slice("chat", &[("10.0.0.7", true)]), "chat").is_empty(),
+            slice_workers(&slice("chat", &[("10.0.0.7", true)]), "chat", "").is_empty(),
             "the router's own Service is not a worker"
         );
-        assert!(slice_workers(&slice("other-prefill", &[("10.0.0.8", true)]), "chat").is_empty());
+        assert!(
+            slice_workers(&slice("other-prefill", &[("10.0.0.8", true)]), "chat", "").is_empty()
+        );
     }
 }

@@ -38,6 +38,10 @@ struct Args {
     discover_pool: Option<String>,
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     discover_namespace: String,
+    /// The pool's topology key: discovered workers on kubernetes.io/hostname are placed by
+    /// node, on topology.kubernetes.io/zone by zone (other keys rely on the workers' --domain).
+    #[arg(long, default_value = "")]
+    topology_key: String,
     /// Model name clients must ask for (or omit).
     #[arg(long, default_value = "toy")]
     model_name: String,
@@ -72,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         (&args.decode, Role::Decode),
         (&args.unified, Role::Unified),
     ] {
-        workers.extend(list.iter().map(|a| (a.clone(), role)));
+        workers.extend(list.iter().map(|a| (a.clone(), role, String::new())));
     }
     if let Some(name) = &args.discover_pool {
         let client = kube::Client::try_default().await?;
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             client,
             args.discover_namespace.clone(),
             name.clone(),
+            args.topology_key.clone(),
             pool.clone(),
         ));
     } else if workers.is_empty() {

@@ -41,6 +41,8 @@ impl RecentPrefixes {
 pub struct WorkerEntry {
     pub addr: String,
     pub role: Role,
+    /// Where discovery placed it (its node or zone); the worker's own report wins when it has one.
+    placed_domain: String,
     pub client: WorkerClient<Channel>,
     status: Mutex<Option<WorkerStatus>>,
     healthy: AtomicBool,
@@ -49,13 +51,14 @@ pub struct WorkerEntry {
 }
 
 impl WorkerEntry {
-    fn new(addr: &str, role: Role) -> anyhow::Result<Self> {
+    fn new(addr: &str, role: Role, placed_domain: &str) -> anyhow::Result<Self> {
         let channel = Channel::from_shared(addr.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         Ok(WorkerEntry {
             addr: addr.to_string(),
             role,
+            placed_domain: placed_domain.to_string(),
             client: WorkerClient::new(channel).max_decoding_message_size(64 << 20),
             status: Mutex::new(None),
             healthy: AtomicBool::new(false),
@@ -68,12 +71,18 @@ impl WorkerEntry {
     }
 
     pub fn domain(&self) -> String {
-        self.status
+        let reported = self
+            .status
             .lock()
             .expect("lock")
             .as_ref()
             .map(|s| s.domain.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if reported.is_empty() {
+            self.placed_domain.clone()
+        } else {
+            reported
+        }
     }
 
     pub fn healthy(&self) -> bool {
@@ -144,13 +153,18 @@ impl Pool {
     }
 
     /// Replaces the worker list, keeping the state of workers that stay.
-    pub fn set_workers(&self, list: &[(String, Role)]) -> anyhow::Result<()> {
+    /// Replaces the worker list (address, role, domain discovery placed it in), keeping the
+    /// state of workers that stay.
+    pub fn set_workers(&self, list: &[(String, Role, String)]) -> anyhow::Result<()> {
         let mut workers = self.workers.write().expect("lock");
         let mut next = Vec::new();
-        for (addr, role) in list {
-            match workers.iter().find(|w| &w.addr == addr && w.role == *role) {
+        for (addr, role, domain) in list {
+            match workers
+                .iter()
+                .find(|w| &w.addr == addr && w.role == *role && &w.placed_domain == domain)
+            {
                 Some(w) => next.push(w.clone()),
-                None => next.push(Arc::new(WorkerEntry::new(addr, *role)?)),
+                None => next.push(Arc::new(WorkerEntry::new(addr, *role, domain)?)),
             }
         }
         *workers = next;
@@ -282,7 +296,10 @@ mod tests {
 
     fn pool(list: &[(&str, Role)]) -> Pool {
         let p = Pool::new(2);
-        let list: Vec<_> = list.iter().map(|(a, r)| (a.to_string(), *r)).collect();
+        let list: Vec<_> = list
+            .iter()
+            .map(|(a, r)| (a.to_string(), *r, String::new()))
+            .collect();
         p.set_workers(&list).unwrap();
         p
     }
