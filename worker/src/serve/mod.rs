@@ -86,11 +86,8 @@ impl ModelArgs {
         match (&self.weights, self.weights_seed) {
             (Some(path), _) => Weights::load_safetensors(path, &config),
             (None, Some(seed)) => Weights::from_seed(&config, seed),
-            (None, None) if config.kv_dtype == KvDtype::F32 && config == ModelConfig::default() => {
-                Ok(Weights::embedded_primer())
-            }
+            // The embedded weights fit the primer's shape, with any KV dtype.
             (None, None) => {
-                let mut w = Weights::embedded_primer();
                 let primer_shape = ModelConfig {
                     kv_dtype: KvDtype::F32,
                     ..config.clone()
@@ -100,8 +97,10 @@ impl ModelArgs {
                         "the embedded weights are the primer's shape; give --weights or --weights-seed for other shapes".into(),
                     ));
                 }
-                w.config = config;
-                Ok(w)
+                Ok(Weights {
+                    config,
+                    ..Weights::embedded_primer()
+                })
             }
         }
     }
