@@ -48,6 +48,9 @@ pub struct ExperimentArgs {
     /// GPUs to spread the workers over (one each when there are as many); 0 leaves them be
     #[arg(long, default_value_t = 0)]
     pub gpus: usize,
+    /// KV transports to run the disaggregated arms with (auto, device, grpc), one arm pair each
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub kv_transport: Vec<String>,
 }
 
 /// KV transfer totals over a run, read from the workers' and the router's metrics.
@@ -59,6 +62,12 @@ struct Transfer {
     /// Mean transfer time over mean TTFT.
     share_of_ttft: Option<f64>,
     gb_per_s: Option<f64>,
+    /// The transports the bytes actually went by ("device", "grpc").
+    transports: Vec<String>,
+    /// Device to device: GPU time of the copies themselves (the rest of a transfer is waiting
+    /// for engine steps and the RPCs around them).
+    device_copy_seconds: f64,
+    device_copy_gb_per_s: Option<f64>,
 }
 
 /// Sums the samples of one metric (all label sets) in Prometheus text.
@@ -86,10 +95,25 @@ async fn transfer_totals(fleet: &Fleet) -> Transfer {
             t.bytes += metric_sum(&text, "pdfleet_worker_kv_transfer_bytes_total");
             t.seconds += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_sum");
             t.transfers += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_count");
+            t.device_copy_seconds += metric_sum(&text, "pdfleet_worker_kv_device_copy_seconds_sum");
+            for transport in ["device", "grpc"] {
+                let label = format!("transport=\"{transport}\"");
+                let used = text.lines().any(|l| {
+                    l.starts_with("pdfleet_worker_kv_transfer_bytes_total")
+                        && l.contains(&label)
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
+                });
+                if used && !t.transports.iter().any(|x| x == transport) {
+                    t.transports.push(transport.to_string());
+                }
+            }
         }
     }
     if t.seconds > 0.0 {
         t.gb_per_s = Some(t.bytes / t.seconds / 1e9);
+    }
+    if t.device_copy_seconds > 0.0 && t.transports == ["device"] {
+        t.device_copy_gb_per_s = Some(t.bytes / t.device_copy_seconds / 1e9);
     }
     t
 }
@@ -133,10 +157,20 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
         (args.chunk * 4).to_string(),
     ];
     let mut arms = Vec::new();
-    for (mode, mode_name) in [
-        (Mode::Colocated, "colocated: 2 unified"),
-        (Mode::Disaggregated, "disaggregated: 1 prefill + 1 decode"),
-    ] {
+    let name_transports = args.kv_transport != ["auto"];
+    let plan = std::iter::once((Mode::Colocated, None)).chain(
+        args.kv_transport
+            .iter()
+            .map(|t| (Mode::Disaggregated, Some(t.as_str()))),
+    );
+    for (mode, transport) in plan {
+        let mode_name = match (mode, transport) {
+            (Mode::Colocated, _) => "colocated: 2 unified".to_string(),
+            (_, Some(t)) if name_transports => {
+                format!("disaggregated: 1 prefill + 1 decode, KV {t}")
+            }
+            _ => "disaggregated: 1 prefill + 1 decode".to_string(),
+        };
         for (is_chunked, knobs) in [(false, &big), (true, &chunked)] {
             let name = format!(
                 "{mode_name}, {}",
@@ -146,7 +180,15 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
                     "whole prefill".into()
                 }
             );
-            let worker_args: Vec<String> = model.iter().chain(knobs.iter()).cloned().collect();
+            let transport_args = transport
+                .map(|t| vec!["--kv-transport".to_string(), t.to_string()])
+                .unwrap_or_default();
+            let worker_args: Vec<String> = model
+                .iter()
+                .chain(knobs.iter())
+                .chain(transport_args.iter())
+                .cloned()
+                .collect();
             let cfg = FleetConfig {
                 mode,
                 prefill: 1,
@@ -206,13 +248,13 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&summary)?,
     )?;
     println!(
-        "\n{:<52} {:>9} {:>9} {:>8} {:>8} {:>8} {:>14}",
+        "\n{:<68} {:>9} {:>9} {:>8} {:>8} {:>8} {:>14}",
         "arm", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "ITL max", "goodput"
     );
     for a in &arms {
         let s = &a.summary;
         println!(
-            "{:<52} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6.2}/s {:>4.0}%",
+            "{:<68} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6.2}/s {:>4.0}%",
             a.name,
             ms(&s.ttft_ms, |p| p.p50),
             ms(&s.ttft_ms, |p| p.p99),
@@ -230,14 +272,21 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
     for a in arms.iter().filter(|a| a.kv_transfer.transfers > 0.0) {
         let t = &a.kv_transfer;
         println!(
-            "{}: {} KV transfers, {:.1} MB, {:.3} GB/s, mean {:.2} ms each, {:.1}% of mean TTFT",
+            "{}: {} KV transfers ({}), {:.1} MB, {:.3} GB/s, mean {:.2} ms each, {:.1}% of mean TTFT",
             a.name,
             t.transfers,
+            t.transports.join("+"),
             t.bytes / 1e6,
             t.gb_per_s.unwrap_or(0.0),
             1e3 * t.seconds / t.transfers,
             100.0 * t.share_of_ttft.unwrap_or(0.0)
         );
+        if let Some(gbs) = t.device_copy_gb_per_s {
+            println!(
+                "    of which the GPU copies: mean {:.3} ms each, {gbs:.1} GB/s",
+                1e3 * t.device_copy_seconds / t.transfers
+            );
+        }
     }
     Ok(())
 }

@@ -34,8 +34,7 @@ pub struct FleetConfig {
     pub bin_dir: Option<PathBuf>,
     /// Worker and router logs go here (default: discarded).
     pub log_dir: Option<PathBuf>,
-    /// GPUs to spread workers over (worker i sees GPU i mod gpus); 0 leaves
-    /// CUDA_VISIBLE_DEVICES alone.
+    /// GPUs to spread workers over (worker i runs on GPU i mod gpus); 0: all on the first.
     pub gpus: usize,
 }
 
@@ -159,7 +158,8 @@ impl Fleet {
                 cmd.arg("--weights").arg(w);
             }
             if cfg.gpus > 0 {
-                cmd.env("CUDA_VISIBLE_DEVICES", (i % cfg.gpus).to_string());
+                // Every worker sees every GPU (a prefill worker writes into its decode worker's).
+                cmd.args(["--cuda-device", &(i % cfg.gpus).to_string()]);
             }
             let child = cmd
                 .spawn()

@@ -370,3 +370,80 @@ async fn sigterm_drains_the_decode_worker_without_losing_a_request() {
         "the drained worker exits cleanly: {status}"
     );
 }
+
+/// The prefill worker's KV bytes sent, by transport, from its `/metrics`.
+async fn kv_bytes_sent(fleet: &Fleet, transport: &str) -> f64 {
+    let prefill = fleet
+        .workers
+        .iter()
+        .find(|w| w.name.starts_with("prefill"))
+        .unwrap();
+    let text = reqwest::get(format!("{}/metrics", prefill.http.as_ref().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let label = format!("transport=\"{transport}\"");
+    text.lines()
+        .filter(|l| l.starts_with("pdfleet_worker_kv_transfer_bytes_total") && l.contains(&label))
+        .filter(|l| l.contains("direction=\"send\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_falls_back_to_grpc_when_the_decode_cache_cannot_be_shared() {
+    // CPU workers: the decode worker has no device cache to offer, so `auto` goes over gRPC.
+    let ps = prompts();
+    let want = expected(&ps, 8);
+    let fleet = start(Mode::Disaggregated, &["--kv-transport", "auto"], &[]).await;
+    for (p, w) in ps.iter().zip(&want) {
+        let (status, body) = complete(&fleet.url, json!({"prompt": p, "max_tokens": 8})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(&tokens_of(&body), w);
+    }
+    assert!(kv_bytes_sent(&fleet, "grpc").await > 0.0);
+    assert_eq!(kv_bytes_sent(&fleet, "device").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_gpu_kv_moves_device_to_device_and_tokens_stay_the_engines() {
+    if !backend::cuda::device_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    // Long prompts too, so that sequences span many blocks.
+    let mut ps = prompts();
+    ps.push((0..700).map(|j| (j * 13 % 100) as u32).collect());
+    let want = expected(&ps, 20);
+    // Two GPUs: prefill on one, decode on the other, KV over the peer link.
+    let gpus = backend::cuda::device_count().min(2);
+    eprintln!("workers over {gpus} GPU(s)");
+    let cfg = FleetConfig {
+        mode: Mode::Disaggregated,
+        backend: "cuda".into(),
+        gpus,
+        worker_args: ["--kv-transport", "device", "--num-blocks", "1024"]
+            .map(String::from)
+            .to_vec(),
+        ..FleetConfig::default()
+    };
+    let mut fleet = Fleet::start(&cfg).unwrap();
+    fleet.wait_ready(Duration::from_secs(120)).await.unwrap();
+    for (p, w) in ps.iter().zip(&want) {
+        let (status, body) = complete(&fleet.url, json!({"prompt": p, "max_tokens": 20})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(&tokens_of(&body), w, "prompt of {}", p.len());
+    }
+    let device = kv_bytes_sent(&fleet, "device").await;
+    let blocks: usize = ps.iter().map(|p| p.len().div_ceil(16)).sum();
+    // Per block: every layer's K and V, 16 tokens of kv_dim f32 values.
+    let c = Weights::embedded_primer().config;
+    assert_eq!(
+        device as usize,
+        blocks * 2 * c.n_layers * 16 * c.kv_dim() * 4
+    );
+    assert_eq!(kv_bytes_sent(&fleet, "grpc").await, 0.0);
+    fleet.stop();
+}

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use crate::backend::{Backend, ForwardBatch, Sample};
+use crate::backend::{Backend, ForwardBatch, Sample, SharedKvCache};
 use crate::kv_cache::{block_hash, prefix_hashes, BlockId, BlockManager, PrefixStats};
 use crate::EngineError;
 
@@ -256,6 +256,11 @@ impl Engine {
         self.submit(id, prompt, params, true)
     }
 
+    /// Whether the request is still queued or running (it may yet finish, or be held).
+    pub fn in_batch(&self, id: u64) -> bool {
+        self.waiting.iter().chain(&self.running).any(|s| s.id == id)
+    }
+
     fn id_in_use(&self, id: u64) -> bool {
         self.waiting.iter().chain(&self.running).any(|s| s.id == id)
             || self.held.contains_key(&id)
@@ -316,9 +321,9 @@ impl Engine {
         }
     }
 
-    /// Takes blocks for a sequence whose KV is about to arrive (decode role). Refuses at once when
-    /// there is no room, so the sender can try another worker.
-    pub fn reserve_import(&mut self, id: u64, num_blocks: usize) -> Result<(), EngineError> {
+    /// Takes blocks for a sequence whose KV is about to arrive (decode role) and returns them, in
+    /// sequence order. Refuses at once when there is no room, so the sender can try another worker.
+    pub fn reserve_import(&mut self, id: u64, num_blocks: usize) -> Result<Vec<u32>, EngineError> {
         if self.id_in_use(id) {
             return Err(EngineError::InvalidRequest(format!(
                 "request id {id} is already in use"
@@ -333,11 +338,33 @@ impl Engine {
                 self.blocks.num_blocks()
             )));
         }
-        let blocks = (0..num_blocks)
+        let blocks: Vec<u32> = (0..num_blocks)
             .map(|_| self.blocks.allocate().expect("availability checked"))
             .collect();
-        self.reservations.insert(id, blocks);
-        Ok(())
+        self.reservations.insert(id, blocks.clone());
+        Ok(blocks)
+    }
+
+    /// Copies a held sequence's KV straight into another worker's cache, into the blocks that
+    /// worker reserved for it (`dst`, in sequence order).
+    pub fn copy_held_to(
+        &mut self,
+        id: u64,
+        target: &SharedKvCache,
+        dst: &[u32],
+    ) -> Result<(), EngineError> {
+        let seq = self
+            .held
+            .get(&id)
+            .ok_or_else(|| EngineError::InvalidRequest(format!("no held sequence {id}")))?;
+        if seq.blocks.len() != dst.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} blocks reserved for a sequence of {}",
+                dst.len(),
+                seq.blocks.len()
+            )));
+        }
+        self.backend.copy_blocks_to(target, &seq.blocks, dst)
     }
 
     /// Frees the blocks of an import that did not complete.
@@ -347,15 +374,16 @@ impl Engine {
         }
     }
 
-    /// Writes the arrived KV into the reserved blocks and parks the sequence until
-    /// [`Engine::attach`]. `tokens` is the prompt plus the first generated token.
+    /// Writes the arrived KV into the reserved blocks (`None`: the sender already wrote them,
+    /// device to device) and parks the sequence until [`Engine::attach`]. `tokens` is the prompt
+    /// plus the first generated token.
     pub fn commit_import(
         &mut self,
         id: u64,
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: &[u8],
+        kv: Option<&[u8]>,
     ) -> Result<(), EngineError> {
         let blocks = self
             .reservations
@@ -373,9 +401,11 @@ impl Engine {
                 "imported sequence does not match its blocks or the model".into(),
             ));
         }
-        if let Err(e) = self.backend.write_blocks(&blocks, kv) {
-            self.blocks.release_all(&blocks);
-            return Err(e);
+        if let Some(kv) = kv {
+            if let Err(e) = self.backend.write_blocks(&blocks, kv) {
+                self.blocks.release_all(&blocks);
+                return Err(e);
+            }
         }
         let hashes = prefix_hashes(&tokens[..computed], bs);
         for (&b, &h) in blocks.iter().zip(&hashes) {

@@ -1,15 +1,16 @@
 //! The CUDA backend: NVRTC-compiled kernels through cudarc with dynamic loading, so the crate
 //! builds and runs on machines without CUDA; there, opening it fails with a clear error.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
-use super::{Backend, ForwardBatch, ForwardOutput, StaticBatch, StaticRun};
+use super::{Backend, ForwardBatch, ForwardOutput, SharedKvCache, StaticBatch, StaticRun};
 use crate::config::{KvDtype, ModelConfig};
 use crate::weights::{transpose, Weights};
 use crate::EngineError;
@@ -25,6 +26,15 @@ pub fn device_available() -> bool {
         cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
     };
     present && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+/// How many CUDA devices are visible (0 without a driver).
+pub fn device_count() -> usize {
+    if device_available() {
+        CudaContext::device_count().unwrap_or(0) as usize
+    } else {
+        0
+    }
 }
 
 fn cuda_err(e: impl std::fmt::Debug) -> EngineError {
@@ -61,6 +71,105 @@ impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
     }
 }
 
+/// The KV cache: every layer's K and V pools in one `cuMemAlloc` allocation, pool `p` (layer
+/// `p / 2`, K then V) at `p * pool_bytes`. Not from cudarc's stream-ordered allocator: CUDA IPC
+/// cannot share that memory with another process.
+struct KvPools {
+    ctx: Arc<CudaContext>,
+    base: sys::CUdeviceptr,
+    pool_bytes: usize,
+    n_pools: usize,
+}
+
+impl KvPools {
+    fn new(ctx: &Arc<CudaContext>, pool_bytes: usize, n_pools: usize) -> Result<Self, EngineError> {
+        ctx.bind_to_thread().map_err(cuda_err)?;
+        let bytes = pool_bytes * n_pools;
+        // SAFETY: a plain allocation in the bound context, zeroed before use and freed on drop.
+        let base = unsafe { result::malloc_sync(bytes) }.map_err(cuda_err)?;
+        let pools = KvPools {
+            ctx: ctx.clone(),
+            base,
+            pool_bytes,
+            n_pools,
+        };
+        unsafe { result::memset_d8_sync(base, 0, bytes) }.map_err(cuda_err)?;
+        Ok(pools)
+    }
+
+    fn pool(&self, p: usize) -> u64 {
+        self.base + (p * self.pool_bytes) as u64
+    }
+
+    fn k(&self, layer: usize) -> u64 {
+        self.pool(2 * layer)
+    }
+
+    fn v(&self, layer: usize) -> u64 {
+        self.pool(2 * layer + 1)
+    }
+}
+
+impl Drop for KvPools {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_sync` in this context; every kernel using it was
+            // synchronized by the step that launched it.
+            let _ = unsafe { result::free_sync(self.base) };
+        }
+    }
+}
+
+/// Other workers' caches opened through their IPC handles, by handle; closed on drop.
+struct PeerCaches {
+    ctx: Arc<CudaContext>,
+    opened: HashMap<Vec<u8>, sys::CUdeviceptr>,
+}
+
+impl PeerCaches {
+    fn open(&mut self, target: &SharedKvCache) -> Result<sys::CUdeviceptr, EngineError> {
+        if let Some(&p) = self.opened.get(&target.ipc_handle) {
+            return Ok(p);
+        }
+        let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        if target.ipc_handle.len() != handle.reserved.len() {
+            return Err(EngineError::Backend(format!(
+                "a CUDA IPC handle has 64 bytes, not {}",
+                target.ipc_handle.len()
+            )));
+        }
+        for (d, s) in handle.reserved.iter_mut().zip(&target.ipc_handle) {
+            *d = *s as _;
+        }
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        let mut ptr = 0;
+        // SAFETY: the handle names memory of another process on this host; the lazy peer flag
+        // maps it whether it lives on this GPU or on a peer one.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                handle,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        }
+        .result()
+        .map_err(|e| EngineError::Backend(format!("opening the peer's KV cache: {e:?}")))?;
+        self.opened.insert(target.ipc_handle.clone(), ptr);
+        Ok(ptr)
+    }
+}
+
+impl Drop for PeerCaches {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            for &p in self.opened.values() {
+                // SAFETY: opened by `cuIpcOpenMemHandle_v2` in this context.
+                let _ = unsafe { sys::cuIpcCloseMemHandle(p) };
+            }
+        }
+    }
+}
+
 struct Layer0 {
     q_tok: CudaSlice<f32>,
     q_pos: CudaSlice<f32>,
@@ -84,6 +193,7 @@ struct Kernels {
     static_layout: CudaFunction,
     gather_blocks: CudaFunction,
     scatter_blocks: CudaFunction,
+    copy_blocks: CudaFunction,
 }
 
 /// Per-step inputs and scratch, kept on the device between steps.
@@ -113,8 +223,8 @@ pub struct CudaBackend {
     layer0: Layer0,
     deep: Vec<DeepLayer>,
     out_t: CudaSlice<f32>,
-    /// Per layer, K and V pools as raw bytes in the cache dtype.
-    cache: Vec<(CudaSlice<u8>, CudaSlice<u8>)>,
+    cache: KvPools,
+    peers: PeerCaches,
     s: Scratch,
     /// Sampled tokens of a [`Backend::forward`] step.
     out_tokens: Buf<u32>,
@@ -216,6 +326,7 @@ impl CudaBackend {
             static_layout: f("static_layout_kernel")?,
             gather_blocks: f("gather_blocks_kernel")?,
             scatter_blocks: f("scatter_blocks_kernel")?,
+            copy_blocks: f("copy_blocks_kernel")?,
         };
         let up = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err);
         let l0 = &weights.layers[0];
@@ -239,14 +350,11 @@ impl CudaBackend {
             .collect::<Result<Vec<_>, EngineError>>()?;
         let out_t = up(&transpose(&weights.out, c.vocab_size, c.dim))?;
         let pool_bytes = num_blocks * super::block_bytes(&c, block_size);
-        let cache = (0..c.n_layers)
-            .map(|_| {
-                Ok((
-                    stream.alloc_zeros::<u8>(pool_bytes).map_err(cuda_err)?,
-                    stream.alloc_zeros::<u8>(pool_bytes).map_err(cuda_err)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
+        let cache = KvPools::new(&ctx, pool_bytes, 2 * c.n_layers)?;
+        let peers = PeerCaches {
+            ctx: ctx.clone(),
+            opened: HashMap::new(),
+        };
         let s = Scratch {
             tokens: Buf::new(&stream, 1)?,
             positions: Buf::new(&stream, 1)?,
@@ -277,6 +385,7 @@ impl CudaBackend {
             deep,
             out_t,
             cache,
+            peers,
             s,
             out_tokens,
             staging,
@@ -342,7 +451,7 @@ impl CudaBackend {
         for layer in 0..layers {
             let last = layer + 1 == layers;
             let all_rows = i32::from(!last);
-            let (kc, vc) = &mut self.cache[layer];
+            let (kc, vc) = (self.cache.k(layer), self.cache.v(layer));
             // Layer input: hidden_b holds the previous layer's output when there is one.
             if layer == 0 {
                 let l0 = &self.layer0;
@@ -355,8 +464,8 @@ impl CudaBackend {
                     .arg(&l0.v_tok)
                     .arg(&l0.v_pos);
                 b.arg(&s.slots.slice)
-                    .arg(&mut *kc)
-                    .arg(&mut *vc)
+                    .arg(&kc)
+                    .arg(&vc)
                     .arg(&s.q_row.slice)
                     .arg(&all_rows)
                     .arg(&mut s.q.slice);
@@ -370,8 +479,8 @@ impl CudaBackend {
                     .arg(&w.wk_t)
                     .arg(&w.wv_t);
                 b.arg(&s.slots.slice)
-                    .arg(&mut *kc)
-                    .arg(&mut *vc)
+                    .arg(&kc)
+                    .arg(&vc)
                     .arg(&s.q_row.slice)
                     .arg(&all_rows)
                     .arg(&mut s.q.slice);
@@ -388,8 +497,8 @@ impl CudaBackend {
             b.arg(&s.block_tables.slice)
                 .arg(&mb_i)
                 .arg(&s.q.slice)
-                .arg(&*kc)
-                .arg(&*vc)
+                .arg(&kc)
+                .arg(&vc)
                 .arg(&mut s.hidden_a.slice)
                 .arg(if last { &fuse_i } else { &0i32 })
                 .arg(&sample);
@@ -484,15 +593,16 @@ impl Backend for CudaBackend {
 
     fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, EngineError> {
         let (bb, n) = (self.pool_bytes_per_block(), blocks.len());
-        let total = bb * n * 2 * self.cache.len();
+        let total = bb * n * self.cache.n_pools;
         let st = self.stream.clone();
         self.transfer_blocks.upload(&st, blocks)?;
         self.staging.ensure(&st, total)?;
         let (n_i, bb_i) = (n as i32, bb as i32);
-        for (i, pool) in self.cache.iter().flat_map(|(k, v)| [k, v]).enumerate() {
+        for i in 0..self.cache.n_pools {
+            let pool = self.cache.pool(i);
             let mut out = self.staging.slice.slice_mut(i * n * bb..(i + 1) * n * bb);
             let mut b = st.launch_builder(&self.kernels.gather_blocks);
-            b.arg(pool)
+            b.arg(&pool)
                 .arg(&self.transfer_blocks.slice)
                 .arg(&n_i)
                 .arg(&bb_i)
@@ -510,7 +620,7 @@ impl Backend for CudaBackend {
 
     fn write_blocks(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), EngineError> {
         let (bb, n) = (self.pool_bytes_per_block(), blocks.len());
-        if data.len() != bb * n * 2 * self.cache.len() {
+        if data.len() != bb * n * self.cache.n_pools {
             return Err(EngineError::Backend(format!(
                 "KV data of {} bytes does not fill {n} blocks",
                 data.len()
@@ -520,14 +630,15 @@ impl Backend for CudaBackend {
         self.transfer_blocks.upload(&st, blocks)?;
         self.staging.upload(&st, data)?;
         let (n_i, bb_i) = (n as i32, bb as i32);
-        for (i, pool) in self.cache.iter_mut().flat_map(|(k, v)| [k, v]).enumerate() {
+        for i in 0..self.cache.n_pools {
+            let pool = self.cache.pool(i);
             let input = self.staging.slice.slice(i * n * bb..(i + 1) * n * bb);
             let mut b = st.launch_builder(&self.kernels.scatter_blocks);
             b.arg(&input)
                 .arg(&self.transfer_blocks.slice)
                 .arg(&n_i)
                 .arg(&bb_i)
-                .arg(pool);
+                .arg(&pool);
             let cfg = LaunchConfig {
                 grid_dim: (n.max(1) as u32, 1, 1),
                 block_dim: (128, 1, 1),
@@ -535,6 +646,82 @@ impl Backend for CudaBackend {
             };
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         }
+        st.synchronize().map_err(cuda_err)
+    }
+
+    fn shared_cache(&self) -> Option<SharedKvCache> {
+        let share = || -> Result<SharedKvCache, EngineError> {
+            self.cache.ctx.bind_to_thread().map_err(cuda_err)?;
+            let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+            // SAFETY: `base` is a live `cuMemAlloc` allocation of this context.
+            unsafe { sys::cuIpcGetMemHandle(&mut handle, self.cache.base) }
+                .result()
+                .map_err(cuda_err)?;
+            let uuid = self.cache.ctx.uuid().map_err(cuda_err)?;
+            Ok(SharedKvCache {
+                ipc_handle: handle.reserved.iter().map(|&c| c as u8).collect(),
+                device: uuid
+                    .bytes
+                    .iter()
+                    .map(|&b| format!("{:02x}", b as u8))
+                    .collect(),
+                pool_bytes: self.cache.pool_bytes as u64,
+                n_pools: self.cache.n_pools as u32,
+                block_bytes: self.pool_bytes_per_block() as u32,
+            })
+        };
+        share()
+            .inspect_err(|e| tracing::warn!(error = %e, "the KV cache cannot be shared"))
+            .ok()
+    }
+
+    fn copy_blocks_to(
+        &mut self,
+        target: &SharedKvCache,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<(), EngineError> {
+        let bb = self.pool_bytes_per_block();
+        if target.block_bytes as usize != bb
+            || target.n_pools as usize != self.cache.n_pools
+            || src.len() != dst.len()
+        {
+            return Err(EngineError::Backend(format!(
+                "peer cache layout ({} pools of {}-byte blocks) does not match this one ({} of {bb}), or {} source blocks for {} targets",
+                target.n_pools,
+                target.block_bytes,
+                self.cache.n_pools,
+                src.len(),
+                dst.len()
+            )));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let peer_base = self.peers.open(target)?;
+        let st = self.stream.clone();
+        let n = src.len();
+        let ids: Vec<u32> = src.iter().chain(dst).copied().collect();
+        self.transfer_blocks.upload(&st, &ids)?;
+        let dst_ids =
+            self.transfer_blocks.slice.device_ptr(&st).0 + std::mem::size_of_val(src) as u64;
+        let (src_pool, dst_pool) = (self.cache.pool_bytes as u64, target.pool_bytes);
+        let (n_i, bb_i) = (n as i32, bb as i32);
+        let mut b = st.launch_builder(&self.kernels.copy_blocks);
+        b.arg(&self.cache.base)
+            .arg(&src_pool)
+            .arg(&self.transfer_blocks.slice)
+            .arg(&peer_base)
+            .arg(&dst_pool)
+            .arg(&dst_ids)
+            .arg(&n_i)
+            .arg(&bb_i);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, self.cache.n_pools as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         st.synchronize().map_err(cuda_err)
     }
 

@@ -377,3 +377,22 @@ extern "C" __global__ void scatter_blocks_kernel(
         for (int i = threadIdx.x; i < block_bytes; i += blockDim.x) dst[i] = src[i];
     }
 }
+
+// Copies block src_blocks[b] of every pool into block dst_blocks[b] of the same pool of another
+// worker's cache (opened through CUDA IPC: on this GPU, or on a peer over NVLink). Grid: blocks x
+// pools; pool p starts at p * pool_bytes in each cache.
+extern "C" __global__ void copy_blocks_kernel(
+    const unsigned char* __restrict__ src, unsigned long long src_pool_bytes, const u32* __restrict__ src_blocks,
+    unsigned char* __restrict__ dst, unsigned long long dst_pool_bytes, const u32* __restrict__ dst_blocks,
+    int n_blocks, int block_bytes)
+{
+    int b = blockIdx.x, p = blockIdx.y;
+    if (b >= n_blocks) return;
+    const unsigned char* from = src + p * src_pool_bytes + (size_t)src_blocks[b] * block_bytes;
+    unsigned char* to = dst + p * dst_pool_bytes + (size_t)dst_blocks[b] * block_bytes;
+    if (block_bytes % 16 == 0) {
+        for (int i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) ((uint4*)to)[i] = ((const uint4*)from)[i];
+    } else {
+        for (int i = threadIdx.x; i < block_bytes; i += blockDim.x) to[i] = from[i];
+    }
+}

@@ -87,6 +87,40 @@ pub trait Backend: Send {
     /// Runs a static batch: prefill, then `new_tokens - 1` decode steps. Timings exclude moving
     /// the prompts to the device, as the primer's do.
     fn run_static(&mut self, run: &StaticBatch) -> Result<StaticRun, EngineError>;
+
+    /// This backend's KV cache as another process on the same host can open it and write into it
+    /// directly (device to device), if the backend allows that.
+    fn shared_cache(&self) -> Option<SharedKvCache> {
+        None
+    }
+
+    /// Copies this cache's blocks `src[i]` into blocks `dst[i]` of another worker's cache, every
+    /// layer's K and V, device to device; returns once the copy has completed.
+    fn copy_blocks_to(
+        &mut self,
+        target: &SharedKvCache,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<(), EngineError> {
+        let _ = (target, src, dst);
+        Err(EngineError::Backend(format!(
+            "the {} backend cannot write into another worker's KV cache",
+            self.name()
+        )))
+    }
+}
+
+/// A KV cache shared across processes: the CUDA IPC handle of its one allocation and its layout
+/// (pool `p` = layer `p / 2`, K then V, starts at `p * pool_bytes`; block `b` at `b * block_bytes`
+/// within it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SharedKvCache {
+    pub ipc_handle: Vec<u8>,
+    /// UUID of the GPU the cache lives on.
+    pub device: String,
+    pub pool_bytes: u64,
+    pub n_pools: u32,
+    pub block_bytes: u32,
 }
 
 /// Bytes one block occupies in one layer's K (or V) pool.
@@ -132,16 +166,31 @@ pub fn open(
     block_size: usize,
     num_blocks: usize,
 ) -> Result<Box<dyn Backend>, EngineError> {
+    open_on(name, weights, block_size, num_blocks, 0)
+}
+
+/// [`open`] on the CUDA device with this ordinal.
+pub fn open_on(
+    name: &str,
+    weights: &crate::weights::Weights,
+    block_size: usize,
+    num_blocks: usize,
+    cuda_device: usize,
+) -> Result<Box<dyn Backend>, EngineError> {
+    let cuda = || -> Result<Box<dyn Backend>, EngineError> {
+        Ok(Box::new(cuda::CudaBackend::new(
+            weights,
+            block_size,
+            num_blocks,
+            cuda_device,
+        )?))
+    };
     match name {
         "cpu" => Ok(Box::new(cpu::CpuBackend::new(
             weights, block_size, num_blocks,
         )?)),
-        "cuda" => Ok(Box::new(cuda::CudaBackend::new(
-            weights, block_size, num_blocks, 0,
-        )?)),
-        "auto" if cuda::device_available() => Ok(Box::new(cuda::CudaBackend::new(
-            weights, block_size, num_blocks, 0,
-        )?)),
+        "cuda" => cuda(),
+        "auto" if cuda::device_available() => cuda(),
         "auto" => Ok(Box::new(cpu::CpuBackend::new(
             weights, block_size, num_blocks,
         )?)),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::WorkerMetrics;
+use crate::backend::SharedKvCache;
 use crate::engine::{Engine, ExportedKv, FinishReason, SamplingParams};
 use crate::EngineError;
 
@@ -53,10 +54,16 @@ enum Command {
         reply: Reply<ExportedKv>,
     },
     ReleaseHeld(u64),
+    CopyHeldTo {
+        id: u64,
+        target: SharedKvCache,
+        dst: Vec<u32>,
+        reply: Reply<()>,
+    },
     Reserve {
         id: u64,
         blocks: usize,
-        reply: Reply<()>,
+        reply: Reply<Vec<u32>>,
     },
     CancelImport(u64),
     CommitImport {
@@ -64,7 +71,7 @@ enum Command {
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Vec<u8>,
+        kv: Option<Vec<u8>>,
         reply: Reply<()>,
     },
     Attach {
@@ -131,7 +138,25 @@ impl EngineHandle {
         let _ = self.tx.send(Command::ReleaseHeld(id));
     }
 
-    pub async fn reserve(&self, id: u64, blocks: usize) -> Result<(), EngineError> {
+    /// Copies a held sequence's KV into the blocks `dst` of another worker's shared cache; asked
+    /// while the sequence is still prefilling, the copy happens as soon as its prompt is done.
+    pub async fn copy_held_to(
+        &self,
+        id: u64,
+        target: SharedKvCache,
+        dst: Vec<u32>,
+    ) -> Result<(), EngineError> {
+        self.ask(|reply| Command::CopyHeldTo {
+            id,
+            target,
+            dst,
+            reply,
+        })
+        .await
+    }
+
+    /// Reserves blocks for an incoming sequence and returns their ids.
+    pub async fn reserve(&self, id: u64, blocks: usize) -> Result<Vec<u32>, EngineError> {
         self.ask(|reply| Command::Reserve { id, blocks, reply })
             .await
     }
@@ -146,7 +171,7 @@ impl EngineHandle {
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Vec<u8>,
+        kv: Option<Vec<u8>>,
     ) -> Result<(), EngineError> {
         self.ask(|reply| Command::CommitImport {
             id,
@@ -178,12 +203,21 @@ struct Subscriber {
     first_seen: bool,
 }
 
+/// A device-to-device copy asked for while its sequence was still prefilling: it runs right after
+/// the step that completes the prompt, before the next one.
+struct DeferredCopy {
+    target: SharedKvCache,
+    dst: Vec<u32>,
+    reply: Reply<()>,
+}
+
 struct Actor {
     engine: Engine,
     limits: ActorLimits,
     metrics: WorkerMetrics,
     subscribers: HashMap<u64, Subscriber>,
     parked_at: HashMap<u64, Instant>,
+    deferred_copies: HashMap<u64, DeferredCopy>,
 }
 
 /// Starts the engine thread.
@@ -195,6 +229,7 @@ pub fn spawn(engine: Engine, limits: ActorLimits, metrics: WorkerMetrics) -> Eng
         metrics,
         subscribers: HashMap::new(),
         parked_at: HashMap::new(),
+        deferred_copies: HashMap::new(),
     };
     std::thread::Builder::new()
         .name("engine".into())
@@ -266,6 +301,11 @@ impl Actor {
             }
             Command::Abort(id) => {
                 self.subscribers.remove(&id);
+                if let Some(c) = self.deferred_copies.remove(&id) {
+                    let _ = c.reply.send(Err(EngineError::InvalidRequest(format!(
+                        "request {id} was aborted"
+                    ))));
+                }
                 self.parked_at.remove(&id);
                 self.engine.abort(id);
                 self.engine.cancel_import(id);
@@ -275,6 +315,19 @@ impl Actor {
             }
             Command::ReleaseHeld(id) => {
                 self.engine.release_held(id);
+            }
+            Command::CopyHeldTo {
+                id,
+                target,
+                dst,
+                reply,
+            } => {
+                if self.engine.in_batch(id) {
+                    self.deferred_copies
+                        .insert(id, DeferredCopy { target, dst, reply });
+                } else {
+                    let _ = reply.send(self.copy_held_to(id, &target, &dst));
+                }
             }
             Command::Reserve { id, blocks, reply } => {
                 let _ = reply.send(self.engine.reserve_import(id, blocks));
@@ -288,9 +341,9 @@ impl Actor {
                 kv,
                 reply,
             } => {
-                let result = self
-                    .engine
-                    .commit_import(id, tokens, prompt_len, params, &kv);
+                let result =
+                    self.engine
+                        .commit_import(id, tokens, prompt_len, params, kv.as_deref());
                 if result.is_ok() {
                     self.parked_at.insert(id, Instant::now());
                 }
@@ -317,6 +370,20 @@ impl Actor {
         }
     }
 
+    fn copy_held_to(
+        &mut self,
+        id: u64,
+        target: &SharedKvCache,
+        dst: &[u32],
+    ) -> Result<(), EngineError> {
+        let start = Instant::now();
+        self.engine.copy_held_to(id, target, dst)?;
+        self.metrics
+            .kv_device_copy_seconds
+            .observe(start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     fn step(&mut self) {
         let prefix_before = self.engine.prefix_stats();
         let preempt_before = self.engine.preemptions();
@@ -327,6 +394,9 @@ impl Actor {
                 tracing::error!(error = %e, "engine step failed");
                 for (id, _) in self.subscribers.drain() {
                     self.engine.abort(id);
+                }
+                for (_, c) in self.deferred_copies.drain() {
+                    let _ = c.reply.send(Err(EngineError::Backend(e.to_string())));
                 }
                 return;
             }
@@ -367,8 +437,24 @@ impl Actor {
         for id in gone {
             // Nobody listens any more: free the sequence's blocks now.
             self.subscribers.remove(&id);
+            self.deferred_copies.remove(&id);
             self.engine.abort(id);
             m.requests.with_label_values(&["cancelled"]).inc();
+        }
+        // Copies waiting for these prompts go now, before the next step (and after the events, so
+        // that the sender's transfer time includes them).
+        for &(id, reason) in &out.finished {
+            if let Some(c) = self.deferred_copies.remove(&id) {
+                let result = if reason == FinishReason::Held {
+                    self.copy_held_to(id, &c.target, &c.dst)
+                } else {
+                    Err(EngineError::InvalidRequest(format!(
+                        "request {id} finished ({}) before its KV could move",
+                        reason.as_str()
+                    )))
+                };
+                let _ = c.reply.send(result);
+            }
         }
     }
 

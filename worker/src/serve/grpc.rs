@@ -1,10 +1,15 @@
 //! The worker's gRPC service: unified generation, prefill with KV push, KV receipt, attach.
+//!
+//! KV moves one of two ways. Device to device: the prefill worker asks the decode worker for its
+//! cache's CUDA IPC handle (once), reserves blocks there, copies its blocks straight into them on
+//! the GPU and commits. Over gRPC: it reads the blocks out, streams them in checksummed chunks,
+//! and the decode worker writes them in.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -17,11 +22,13 @@ use super::metrics::WorkerMetrics;
 use super::proto::worker_client::WorkerClient;
 use super::proto::worker_server::Worker;
 use super::proto::{
-    kv_chunk, AttachRequest, GenerateRequest, KvChunk, KvHeader, PrefillRequest, PrefillResponse,
-    PushKvAck, StatusRequest, TokenBatch, WorkerStatus,
+    kv_chunk, AttachRequest, CancelKvRequest, CommitKvRequest, GenerateRequest, KvCacheInfo,
+    KvCacheRequest, KvChunk, KvHeader, PrefillRequest, PrefillResponse, PushKvAck,
+    ReserveKvRequest, ReserveKvResponse, StatusRequest, TokenBatch, WorkerStatus,
 };
 use super::transfer::{self, Assembler};
-use super::Role;
+use super::{KvTransport, Role};
+use crate::backend::SharedKvCache;
 use crate::config::{KvDtype, ModelConfig};
 use crate::engine::{FinishReason, SamplingParams};
 use crate::EngineError;
@@ -35,12 +42,39 @@ pub struct WorkerService {
     pub draining: Arc<AtomicBool>,
     pub pod: String,
     pub domain: String,
-    /// Send KV as f16 on the wire when the cache is f32.
-    pub kv_wire_f16: bool,
+    pub kv: KvMoves,
     next_id: AtomicU64,
     /// Pushed sequences by request id, until their consumer attaches.
     pushed: Mutex<HashMap<String, u64>>,
+    /// Blocks reserved for device-to-device writes, by request id: engine id and when.
+    reserved: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
     decode_clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
+    /// Per decode worker, its cache when KV goes there device to device; `None`: over gRPC.
+    peer_caches: Mutex<HashMap<String, Option<SharedKvCache>>>,
+}
+
+/// How this worker moves KV: as a sender (transport, wire dtype) and as a receiver (its cache).
+pub struct KvMoves {
+    /// Send KV as f16 on the wire when the cache is f32 (gRPC transport).
+    pub wire_f16: bool,
+    pub transport: KvTransport,
+    /// This worker's cache, when others may write into it.
+    pub shared_cache: Option<SharedKvCache>,
+    pub host_id: String,
+    /// Reserved blocks nobody commits within this are freed.
+    pub reserve_ttl: Duration,
+}
+
+/// The host's boot id: processes that see the same one share a kernel, so CUDA IPC can work.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// An error from the decode worker, carrying its name so the router replaces only it.
+fn decode_error(addr: &str, e: Status) -> Status {
+    Status::new(e.code(), format!("decode {addr}: {}", e.message()))
 }
 
 type TokenStream = Pin<Box<dyn Stream<Item = Result<TokenBatch, Status>> + Send>>;
@@ -106,6 +140,20 @@ fn token_stream(rx: mpsc::UnboundedReceiver<SeqEvent>, guard: AbortOnDrop) -> To
     Box::pin(stream)
 }
 
+/// Waits for a held prefill's first token and end: the token, why it ended, and when.
+async fn prefill_done(
+    rx: &mut mpsc::UnboundedReceiver<SeqEvent>,
+) -> Option<(u32, FinishReason, Instant)> {
+    let mut first = None;
+    while let Some(e) = rx.recv().await {
+        match e {
+            SeqEvent::Token(t) => first = Some(t),
+            SeqEvent::Finished(r) => return Some((first?, r, Instant::now())),
+        }
+    }
+    None
+}
+
 impl WorkerService {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -117,7 +165,7 @@ impl WorkerService {
         draining: Arc<AtomicBool>,
         pod: String,
         domain: String,
-        kv_wire_f16: bool,
+        kv: KvMoves,
     ) -> Self {
         WorkerService {
             handle,
@@ -128,10 +176,12 @@ impl WorkerService {
             draining,
             pod,
             domain,
-            kv_wire_f16,
+            kv,
             next_id: AtomicU64::new(1),
             pushed: Mutex::new(HashMap::new()),
+            reserved: Arc::new(Mutex::new(HashMap::new())),
             decode_clients: Mutex::new(HashMap::new()),
+            peer_caches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -170,8 +220,130 @@ impl WorkerService {
         Ok(client)
     }
 
-    /// Pushes a held sequence's KV to the decode worker; returns bytes sent.
-    async fn push(
+    /// The decode worker's cache if KV can go there device to device (asked once per worker).
+    /// With `--kv-transport device`, a cache that cannot be reached is an error.
+    async fn peer_cache(&self, addr: &str) -> Result<Option<SharedKvCache>, Status> {
+        if let Some(known) = self.peer_caches.lock().expect("lock").get(addr) {
+            return Ok(known.clone());
+        }
+        let mut client = self.decode_client(addr).await?;
+        let reachable = match client.kv_cache(KvCacheRequest {}).await {
+            Ok(info) => self.check_peer_cache(info.into_inner()),
+            Err(e) => Err(e.message().to_string()),
+        };
+        let cache = match reachable {
+            Ok(cache) => {
+                tracing::info!(decode = %addr, device = %cache.device, "KV goes device to device");
+                Some(cache)
+            }
+            Err(why) if self.kv.transport == KvTransport::Device => {
+                return Err(Status::failed_precondition(format!(
+                    "decode {addr}: no device-to-device KV path: {why}"
+                )))
+            }
+            Err(why) => {
+                tracing::info!(decode = %addr, why, "KV goes over gRPC");
+                None
+            }
+        };
+        self.peer_caches
+            .lock()
+            .expect("lock")
+            .insert(addr.to_string(), cache.clone());
+        Ok(cache)
+    }
+
+    fn check_peer_cache(&self, info: KvCacheInfo) -> Result<SharedKvCache, String> {
+        if info.host_id.is_empty() || info.host_id != self.kv.host_id {
+            return Err("the decode worker runs on another host".into());
+        }
+        if info.block_size as usize != self.block_size
+            || info.kv_dtype != self.model.kv_dtype.to_string()
+        {
+            return Err(format!(
+                "cache layout differs: block size {} {}, here {} {}",
+                info.block_size, info.kv_dtype, self.block_size, self.model.kv_dtype
+            ));
+        }
+        Ok(SharedKvCache {
+            ipc_handle: info.ipc_handle,
+            device: info.device,
+            pool_bytes: info.pool_bytes,
+            n_pools: info.n_pools,
+            block_bytes: info.block_bytes,
+        })
+    }
+
+    /// The device path, run alongside the prefill: reserve blocks on the decode worker and queue
+    /// the copy into them, which the engine runs right after the step that completes the prompt.
+    /// Returns the bytes copied; an error says whether blocks are left reserved there.
+    async fn reserve_and_copy(
+        &self,
+        id: u64,
+        req: &PrefillRequest,
+        cache: SharedKvCache,
+    ) -> Result<u64, (Status, bool)> {
+        let addr = &req.decode_addr;
+        let mut client = self.decode_client(addr).await.map_err(|e| (e, false))?;
+        let num_blocks = req.prompt.len().div_ceil(self.block_size);
+        let bytes = (num_blocks * cache.block_bytes as usize * cache.n_pools as usize) as u64;
+        let blocks = client
+            .reserve_kv(ReserveKvRequest {
+                request_id: req.request_id.clone(),
+                num_blocks: num_blocks as u32,
+            })
+            .await
+            .map_err(|e| (decode_error(addr, e), false))?
+            .into_inner()
+            .blocks;
+        self.handle
+            .copy_held_to(id, cache, blocks)
+            .await
+            .map_err(|e| (status_of(e), true))?;
+        Ok(bytes)
+    }
+
+    async fn commit_device(
+        &self,
+        req: &PrefillRequest,
+        params: &SamplingParams,
+        first_token: u32,
+    ) -> Result<(), Status> {
+        let addr = &req.decode_addr;
+        let mut tokens = req.prompt.clone();
+        tokens.push(first_token);
+        self.decode_client(addr)
+            .await?
+            .commit_kv(CommitKvRequest {
+                request_id: req.request_id.clone(),
+                tokens,
+                prompt_len: req.prompt.len() as u32,
+                params: Some(params_to_proto(params)),
+            })
+            .await
+            .map_err(|e| decode_error(addr, e))?;
+        Ok(())
+    }
+
+    /// Frees blocks reserved on the decode worker for a sequence that will not come (best effort:
+    /// they also expire).
+    fn cancel_reservation(&self, req: &PrefillRequest) {
+        let client = self
+            .decode_clients
+            .lock()
+            .expect("lock")
+            .get(&req.decode_addr)
+            .cloned();
+        if let Some(mut client) = client {
+            let request_id = req.request_id.clone();
+            tokio::spawn(async move {
+                let _ = client.cancel_kv(CancelKvRequest { request_id }).await;
+            });
+        }
+    }
+
+    /// Reads the held sequence's KV out and streams it to the decode worker; returns bytes sent.
+    async fn push_grpc(
         &self,
         id: u64,
         req: &PrefillRequest,
@@ -179,7 +351,7 @@ impl WorkerService {
     ) -> Result<u64, Status> {
         let kv = self.handle.export(id).await.map_err(status_of)?;
         let cache = self.model.kv_dtype;
-        let wire = if self.kv_wire_f16 && cache == KvDtype::F32 {
+        let wire = if self.kv.wire_f16 && cache == KvDtype::F32 {
             KvDtype::F16
         } else {
             cache
@@ -198,14 +370,13 @@ impl WorkerService {
             wire_dtype: wire.to_string(),
             total_bytes: bytes,
         };
-        // Errors that are the decode worker's carry its name, so the router replaces only it.
         let addr = &req.decode_addr;
         let mut client = self.decode_client(addr).await?;
         let msgs = transfer::chunks(header, data);
         client
             .push_kv(tokio_stream::iter(msgs))
             .await
-            .map_err(|e| Status::new(e.code(), format!("decode {addr}: {}", e.message())))?;
+            .map_err(|e| decode_error(addr, e))?;
         Ok(bytes)
     }
 }
@@ -255,22 +426,34 @@ impl Worker for WorkerService {
             id,
             armed: true,
         };
-        let mut first = None;
-        let mut reason = None;
-        while let Some(e) = rx.recv().await {
-            match e {
-                SeqEvent::Token(t) => first = Some(t),
-                SeqEvent::Finished(r) => {
-                    reason = Some(r);
-                    break;
-                }
+        // Device path: reserve the decode worker's blocks while the prompt runs.
+        let device = if self.kv.transport != KvTransport::Grpc && params.max_tokens > 1 {
+            self.peer_cache(&req.decode_addr).await?
+        } else {
+            None
+        };
+        let (done, copied) = match device.clone() {
+            Some(cache) => {
+                let (done, copied) = tokio::join!(
+                    prefill_done(&mut rx),
+                    self.reserve_and_copy(id, &req, cache)
+                );
+                (done, Some(copied))
             }
-        }
-        let (Some(first_token), Some(reason)) = (first, reason) else {
+            None => (prefill_done(&mut rx).await, None),
+        };
+        let reserved = matches!(copied, Some(Ok(_)) | Some(Err((_, true))));
+        let Some((first_token, reason, prefilled_at)) = done else {
+            if reserved {
+                self.cancel_reservation(&req);
+            }
             return Err(Status::internal("prefill ended without a token"));
         };
-        let prefill_seconds = start.elapsed().as_secs_f64();
+        let prefill_seconds = (prefilled_at - start).as_secs_f64();
         if reason != FinishReason::Held {
+            if reserved {
+                self.cancel_reservation(&req);
+            }
             return Ok(Response::new(PrefillResponse {
                 first_token,
                 finish_reason: reason.as_str().to_string(),
@@ -278,17 +461,53 @@ impl Worker for WorkerService {
                 ..Default::default()
             }));
         }
-        let t = Instant::now();
-        let kv_bytes = self.push(id, &req, &params).await?;
-        let transfer_seconds = t.elapsed().as_secs_f64();
+        let (kv_bytes, transport) = match (copied, device) {
+            (Some(Ok(bytes)), _) => {
+                self.commit_device(&req, &params, first_token).await?;
+                (bytes, KvTransport::Device)
+            }
+            // The decode worker was full while the prompt ran; it may have room now. If not, the
+            // router hears so and picks another one.
+            (Some(Err((e, false))), Some(cache)) if e.code() == tonic::Code::ResourceExhausted => {
+                let bytes =
+                    self.reserve_and_copy(id, &req, cache)
+                        .await
+                        .map_err(|(e, reserved)| {
+                            if reserved {
+                                self.cancel_reservation(&req);
+                            }
+                            e
+                        })?;
+                self.commit_device(&req, &params, first_token).await?;
+                (bytes, KvTransport::Device)
+            }
+            (Some(Err((e, reserved))), _) => {
+                if reserved {
+                    self.cancel_reservation(&req);
+                }
+                if self.kv.transport == KvTransport::Device {
+                    return Err(e);
+                }
+                let addr = &req.decode_addr;
+                tracing::warn!(decode = %addr, error = %e.message(), "device-to-device KV copy failed; using gRPC for this decode worker");
+                self.peer_caches
+                    .lock()
+                    .expect("lock")
+                    .insert(addr.clone(), None);
+                (self.push_grpc(id, &req, &params).await?, KvTransport::Grpc)
+            }
+            (None, _) => (self.push_grpc(id, &req, &params).await?, KvTransport::Grpc),
+        };
+        let transfer_seconds = prefilled_at.elapsed().as_secs_f64();
         self.handle.release_held(id);
+        let labels = ["send", transport.as_str()];
         self.metrics
             .kv_transfer_bytes
-            .with_label_values(&["send"])
+            .with_label_values(&labels)
             .inc_by(kv_bytes);
         self.metrics
             .kv_transfer_seconds
-            .with_label_values(&["send"])
+            .with_label_values(&labels)
             .observe(transfer_seconds);
         Ok(Response::new(PrefillResponse {
             first_token,
@@ -297,6 +516,7 @@ impl Worker for WorkerService {
             prefill_seconds,
             kv_bytes,
             transfer_seconds,
+            kv_transport: transport.as_str().to_string(),
         }))
     }
 
@@ -366,7 +586,13 @@ impl Worker for WorkerService {
         let kv = transfer::convert(&data, wire, self.model.kv_dtype);
         let params = params_of(header.params);
         self.handle
-            .commit_import(id, header.tokens, header.prompt_len as usize, params, kv)
+            .commit_import(
+                id,
+                header.tokens,
+                header.prompt_len as usize,
+                params,
+                Some(kv),
+            )
             .await
             .map_err(status_of)?;
         guard.armed = false;
@@ -376,14 +602,156 @@ impl Worker for WorkerService {
             .insert(header.request_id, id);
         self.metrics
             .kv_transfer_bytes
-            .with_label_values(&["receive"])
+            .with_label_values(&["receive", "grpc"])
             .inc_by(data.len() as u64);
         self.metrics
             .kv_transfer_seconds
-            .with_label_values(&["receive"])
+            .with_label_values(&["receive", "grpc"])
             .observe(start.elapsed().as_secs_f64());
         Ok(Response::new(PushKvAck {
             blocks: header.num_blocks,
+        }))
+    }
+
+    async fn kv_cache(&self, _: Request<KvCacheRequest>) -> Result<Response<KvCacheInfo>, Status> {
+        self.admit(&[Role::Decode])?;
+        let cache = self.kv.shared_cache.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this worker's KV cache cannot be shared (not on a GPU)")
+        })?;
+        Ok(Response::new(KvCacheInfo {
+            ipc_handle: cache.ipc_handle.clone(),
+            host_id: self.kv.host_id.clone(),
+            device: cache.device.clone(),
+            pool_bytes: cache.pool_bytes,
+            n_pools: cache.n_pools,
+            block_bytes: cache.block_bytes,
+            block_size: self.block_size as u32,
+            kv_dtype: self.model.kv_dtype.to_string(),
+        }))
+    }
+
+    async fn reserve_kv(
+        &self,
+        request: Request<ReserveKvRequest>,
+    ) -> Result<Response<ReserveKvResponse>, Status> {
+        self.admit(&[Role::Decode])?;
+        let req = request.into_inner();
+        if req.num_blocks == 0 {
+            return Err(Status::invalid_argument("num_blocks must be positive"));
+        }
+        if self.kv.shared_cache.is_none() {
+            return Err(Status::failed_precondition(
+                "this worker's KV cache cannot be shared (not on a GPU)",
+            ));
+        }
+        if self
+            .reserved
+            .lock()
+            .expect("lock")
+            .contains_key(&req.request_id)
+        {
+            return Err(Status::already_exists(format!(
+                "blocks are already reserved for request {}",
+                req.request_id
+            )));
+        }
+        let id = self.new_id();
+        let blocks = self
+            .handle
+            .reserve(id, req.num_blocks as usize)
+            .await
+            .map_err(status_of)?;
+        self.reserved
+            .lock()
+            .expect("lock")
+            .insert(req.request_id.clone(), (id, Instant::now()));
+        // A sender that dies between reserve and commit must not keep the blocks.
+        let (reserved, handle, ttl) = (
+            self.reserved.clone(),
+            self.handle.clone(),
+            self.kv.reserve_ttl,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let expired = {
+                let mut r = reserved.lock().expect("lock");
+                match r.get(&req.request_id) {
+                    Some(&(rid, _)) if rid == id => r.remove(&req.request_id).is_some(),
+                    _ => false,
+                }
+            };
+            if expired {
+                tracing::warn!(request = %req.request_id, "freeing KV blocks reserved but never committed");
+                handle.cancel_import(id);
+            }
+        });
+        Ok(Response::new(ReserveKvResponse { blocks }))
+    }
+
+    async fn cancel_kv(
+        &self,
+        request: Request<CancelKvRequest>,
+    ) -> Result<Response<PushKvAck>, Status> {
+        let rid = request.into_inner().request_id;
+        let (id, _) = self
+            .reserved
+            .lock()
+            .expect("lock")
+            .remove(&rid)
+            .ok_or_else(|| Status::not_found(format!("no reserved blocks for request {rid}")))?;
+        self.handle.cancel_import(id);
+        Ok(Response::new(PushKvAck { blocks: 0 }))
+    }
+
+    async fn commit_kv(
+        &self,
+        request: Request<CommitKvRequest>,
+    ) -> Result<Response<PushKvAck>, Status> {
+        // Allowed while draining: it completes a transfer already admitted.
+        if self.role != Role::Decode {
+            return Err(Status::failed_precondition(format!(
+                "this worker's role is {}",
+                self.role
+            )));
+        }
+        let req = request.into_inner();
+        let (id, reserved_at) = self
+            .reserved
+            .lock()
+            .expect("lock")
+            .remove(&req.request_id)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no reserved blocks for request {} (never reserved, or expired)",
+                    req.request_id
+                ))
+            })?;
+        let computed = req.tokens.len().saturating_sub(1);
+        let blocks = computed.div_ceil(self.block_size);
+        self.handle
+            .commit_import(
+                id,
+                req.tokens,
+                req.prompt_len as usize,
+                params_of(req.params),
+                None,
+            )
+            .await
+            .map_err(status_of)?;
+        self.pushed.lock().expect("lock").insert(req.request_id, id);
+        if let Some(cache) = &self.kv.shared_cache {
+            let bytes = blocks * cache.block_bytes as usize * cache.n_pools as usize;
+            self.metrics
+                .kv_transfer_bytes
+                .with_label_values(&["receive", "device"])
+                .inc_by(bytes as u64);
+        }
+        self.metrics
+            .kv_transfer_seconds
+            .with_label_values(&["receive", "device"])
+            .observe(reserved_at.elapsed().as_secs_f64());
+        Ok(Response::new(PushKvAck {
+            blocks: blocks as u32,
         }))
     }
 

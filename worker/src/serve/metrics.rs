@@ -22,6 +22,7 @@ pub struct WorkerMetrics {
     pub step_seconds: Histogram,
     pub kv_transfer_bytes: IntCounterVec,
     pub kv_transfer_seconds: prometheus::HistogramVec,
+    pub kv_device_copy_seconds: Histogram,
 }
 
 /// Latency buckets from 1 ms to 60 s.
@@ -71,7 +72,7 @@ impl WorkerMetrics {
             .expect("unique metric");
         let kv_transfer_bytes = IntCounterVec::new(
             Opts::new("kv_transfer_bytes_total", "KV bytes moved between workers"),
-            &["direction"],
+            &["direction", "transport"],
         )
         .expect("valid");
         registry
@@ -79,8 +80,14 @@ impl WorkerMetrics {
             .expect("unique metric");
         let kv_transfer_seconds = prometheus::HistogramVec::new(
             HistogramOpts::new("kv_transfer_seconds", "Time to move one sequence's KV")
-                .buckets(latency_buckets()),
-            &["direction"],
+                // Device-to-device moves take well under a millisecond.
+                .buckets(
+                    [0.0001, 0.00025, 0.0005]
+                        .into_iter()
+                        .chain(latency_buckets())
+                        .collect(),
+                ),
+            &["direction", "transport"],
         )
         .expect("valid");
         registry
@@ -122,6 +129,15 @@ impl WorkerMetrics {
                 "step_seconds",
                 "Duration of one engine step",
                 latency_buckets(),
+            ),
+            kv_device_copy_seconds: hist(
+                "kv_device_copy_seconds",
+                "GPU time copying one sequence's KV into a decode worker's cache (sender)",
+                [0.00001, 0.000025, 0.00005]
+                    .into_iter()
+                    .chain([0.0001, 0.00025, 0.0005])
+                    .chain(latency_buckets())
+                    .collect(),
             ),
             requests,
             kv_transfer_bytes,

@@ -42,6 +42,28 @@ impl fmt::Display for Role {
     }
 }
 
+/// How a prefill worker moves KV to a decode worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvTransport {
+    /// Device to device when the decode worker's cache can be opened (same host, both CUDA),
+    /// otherwise over gRPC.
+    Auto,
+    /// Device to device (CUDA IPC) only; a push that cannot go this way fails.
+    Device,
+    /// Over gRPC: read out to the host, streamed, written on the other side.
+    Grpc,
+}
+
+impl KvTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvTransport::Auto => "auto",
+            KvTransport::Device => "device",
+            KvTransport::Grpc => "grpc",
+        }
+    }
+}
+
 /// The model's shape and weights, as flags (the operator renders these from the pool's spec).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ModelArgs {
@@ -118,6 +140,11 @@ pub struct ServeArgs {
     /// cpu, cuda, or auto (CUDA when a GPU is present).
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Ordinal of the CUDA device to run on, among those visible. Device-to-device KV moves
+    /// need the prefill worker to see the decode worker's GPU, so pick devices with this rather
+    /// than by hiding the others.
+    #[arg(long, default_value_t = 0)]
+    pub cuda_device: usize,
     #[command(flatten)]
     pub model: ModelArgs,
     #[arg(long, default_value_t = 16)]
@@ -134,9 +161,12 @@ pub struct ServeArgs {
     /// Requests queued beyond this are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
-    /// Send KV as f16 on the wire (prefill role, f32 cache).
+    /// Send KV as f16 on the wire (prefill role, f32 cache, gRPC transport).
     #[arg(long)]
     pub kv_wire_f16: bool,
+    /// How KV goes to decode workers (prefill role).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_transport: KvTransport,
     #[arg(long, env = "PDFLEET_POOL", default_value = "local")]
     pub pool: String,
     #[arg(long, env = "POD_NAME", default_value = "")]
@@ -160,7 +190,13 @@ async fn shutdown_signal() {
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let weights = args.model.load()?;
-    let backend = backend::open(&args.backend, &weights, args.block_size, args.num_blocks)?;
+    let backend = backend::open_on(
+        &args.backend,
+        &weights,
+        args.block_size,
+        args.num_blocks,
+        args.cuda_device,
+    )?;
     let backend_name = backend.name();
     let sched = SchedulerConfig {
         max_batch_tokens: args.max_batch_tokens,
@@ -168,15 +204,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
     };
     let engine = Engine::new(backend, sched)?;
+    // Only a decode worker's cache is written by others.
+    let shared_cache = if args.role == Role::Decode {
+        engine.backend().shared_cache()
+    } else {
+        None
+    };
     let pod = if args.pod.is_empty() {
         format!("{}-{}", args.role, args.grpc_addr.port())
     } else {
         args.pod.clone()
     };
     let metrics = metrics::WorkerMetrics::new(&args.pool, &args.role.to_string(), &pod);
+    let parked_ttl = Duration::from_secs(60);
     let limits = actor::ActorLimits {
         max_waiting: args.max_waiting,
-        parked_ttl: Duration::from_secs(60),
+        parked_ttl,
     };
     let handle = actor::spawn(engine, limits, metrics.clone());
     let draining = Arc::new(AtomicBool::new(false));
@@ -189,7 +232,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         draining.clone(),
         pod.clone(),
         args.domain.clone(),
-        args.kv_wire_f16,
+        grpc::KvMoves {
+            wire_f16: args.kv_wire_f16,
+            transport: args.kv_transport,
+            shared_cache,
+            host_id: grpc::host_id(),
+            reserve_ttl: parked_ttl,
+        },
     );
 
     let http = {
