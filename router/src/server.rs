@@ -54,6 +54,15 @@ fn pick_error(e: PickError) -> ApiError {
     }
 }
 
+/// Why a request ends with no worker left to try: after workers refused it, their last word
+/// (a full decode worker is overload, 429, not "no healthy worker"); otherwise the pick's reason.
+fn no_worker_left(pick: PickError, last_refusal: Option<&Status>) -> ApiError {
+    match last_refusal {
+        Some(status) => refusal(status),
+        None => pick_error(pick),
+    }
+}
+
 /// A worker's refusal before any token, as the client should see it.
 fn refusal(status: &Status) -> ApiError {
     match status.code() {
@@ -128,11 +137,13 @@ async fn run_unified(
 ) {
     let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
     let mut tried = Vec::new();
+    let mut last_refusal = None;
     loop {
         let worker = match app.pool.pick_by_prefix(Role::Unified, &hashes, &tried) {
             Ok(w) => w,
             Err(e) => {
-                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                let refused = no_worker_left(e, last_refusal.as_ref());
+                let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
@@ -150,6 +161,7 @@ async fn run_unified(
                 }
                 app.metrics.retries.with_label_values(&["unified"]).inc();
                 tried.push(worker.addr.clone());
+                last_refusal = Some(status);
             }
             Err(status) => {
                 let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
@@ -168,6 +180,7 @@ async fn run_disaggregated(
     let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
     let mut tried_prefill = Vec::new();
     let mut tried_decode = Vec::new();
+    let mut last_refusal = None;
     let (decode, _decode_inflight, first) = loop {
         let prefill = match app
             .pool
@@ -175,14 +188,16 @@ async fn run_disaggregated(
         {
             Ok(w) => w,
             Err(e) => {
-                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                let refused = no_worker_left(e, last_refusal.as_ref());
+                let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
         let decode = match app.pool.pick_decode(&prefill.domain(), &tried_decode) {
             Ok(w) => w,
             Err(e) => {
-                let _ = tx.send(GenEvent::Refused(pick_error(e))).await;
+                let refused = no_worker_left(e, last_refusal.as_ref());
+                let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
@@ -211,6 +226,7 @@ async fn run_disaggregated(
                     app.metrics.retries.with_label_values(&["prefill"]).inc();
                     tried_prefill.push(prefill.addr.clone());
                 }
+                last_refusal = Some(status);
             }
             Err(status) => {
                 let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
@@ -452,4 +468,25 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         json!({"object": "list", "data": [{"id": app.limits.name, "object": "model", "created": 0, "owned_by": "pdfleet",
         "max_model_len": app.limits.max_seq_len}]}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_decode_worker_is_overload_not_an_outage() {
+        let full = Status::resource_exhausted("decode http://d:1: no room for 70 KV blocks");
+        let e = no_worker_left(PickError::NoneHealthy(Role::Decode), Some(&full));
+        assert_eq!(e.status.as_u16(), 429);
+        assert!(
+            e.message.contains("no room for 70 KV blocks"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.retry_after_s, Some(1));
+        // Nothing was tried: the pick's own reason.
+        let e = no_worker_left(PickError::NoneHealthy(Role::Decode), None);
+        assert_eq!(e.status.as_u16(), 503);
+    }
 }
