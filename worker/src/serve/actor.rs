@@ -79,6 +79,14 @@ enum Command {
         events: Events,
         reply: Reply<()>,
     },
+    AttachImport {
+        id: u64,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+        events: Events,
+        reply: Reply<()>,
+    },
     Status(oneshot::Sender<EngineStatus>),
 }
 
@@ -187,6 +195,27 @@ impl EngineHandle {
     pub async fn attach(&self, id: u64, events: Events) -> Result<(), EngineError> {
         self.ask(|reply| Command::Attach { id, events, reply })
             .await
+    }
+
+    /// Commits a sequence whose KV was written into its reserved blocks device to device and
+    /// attaches to it, in one engine command (one step boundary).
+    pub async fn attach_import(
+        &self,
+        id: u64,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+        events: Events,
+    ) -> Result<(), EngineError> {
+        self.ask(|reply| Command::AttachImport {
+            id,
+            tokens,
+            prompt_len,
+            params,
+            events,
+            reply,
+        })
+        .await
     }
 
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
@@ -346,6 +375,24 @@ impl Actor {
                         .commit_import(id, tokens, prompt_len, params, kv.as_deref());
                 if result.is_ok() {
                     self.parked_at.insert(id, Instant::now());
+                }
+                let _ = reply.send(result);
+            }
+            Command::AttachImport {
+                id,
+                tokens,
+                prompt_len,
+                params,
+                events,
+                reply,
+            } => {
+                let result = self
+                    .engine
+                    .commit_import(id, tokens, prompt_len, params, None)
+                    .and_then(|()| self.engine.attach(id));
+                if result.is_ok() {
+                    // The first token came from the prefill worker: what follows is inter-token.
+                    self.subscribe(id, events, true);
                 }
                 let _ = reply.send(result);
             }

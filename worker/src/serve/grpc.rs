@@ -46,11 +46,28 @@ pub struct WorkerService {
     next_id: AtomicU64,
     /// Pushed sequences by request id, until their consumer attaches.
     pushed: Mutex<HashMap<String, u64>>,
-    /// Blocks reserved for device-to-device writes, by request id: engine id and when.
-    reserved: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    /// Sequences written device to device, by request id, until attached.
+    imports: Arc<Mutex<HashMap<String, DeviceImport>>>,
     decode_clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
     /// Per decode worker, its cache when KV goes there device to device; `None`: over gRPC.
     peer_caches: Mutex<HashMap<String, Option<SharedKvCache>>>,
+}
+
+/// A sequence a prefill worker writes into this worker's cache: first its blocks are reserved,
+/// then the sender commits (its KV is in them), and the sequence joins the batch on attach. The
+/// engine hears of the commit only with the attach, so a commit waits for no engine step.
+struct DeviceImport {
+    /// Engine id of the reservation.
+    id: u64,
+    blocks: usize,
+    reserved_at: Instant,
+    committed: Option<Committed>,
+}
+
+struct Committed {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    params: SamplingParams,
 }
 
 /// How this worker moves KV: as a sender (transport, wire dtype) and as a receiver (its cache).
@@ -179,7 +196,7 @@ impl WorkerService {
             kv,
             next_id: AtomicU64::new(1),
             pushed: Mutex::new(HashMap::new()),
-            reserved: Arc::new(Mutex::new(HashMap::new())),
+            imports: Arc::new(Mutex::new(HashMap::new())),
             decode_clients: Mutex::new(HashMap::new()),
             peer_caches: Mutex::new(HashMap::new()),
         }
@@ -645,7 +662,7 @@ impl Worker for WorkerService {
             ));
         }
         if self
-            .reserved
+            .imports
             .lock()
             .expect("lock")
             .contains_key(&req.request_id)
@@ -661,27 +678,33 @@ impl Worker for WorkerService {
             .reserve(id, req.num_blocks as usize)
             .await
             .map_err(status_of)?;
-        self.reserved
-            .lock()
-            .expect("lock")
-            .insert(req.request_id.clone(), (id, Instant::now()));
-        // A sender that dies between reserve and commit must not keep the blocks.
-        let (reserved, handle, ttl) = (
-            self.reserved.clone(),
+        self.imports.lock().expect("lock").insert(
+            req.request_id.clone(),
+            DeviceImport {
+                id,
+                blocks: blocks.len(),
+                reserved_at: Instant::now(),
+                committed: None,
+            },
+        );
+        // A sender that dies before committing, or a sequence nobody attaches to, must not keep
+        // the blocks.
+        let (imports, handle, ttl) = (
+            self.imports.clone(),
             self.handle.clone(),
             self.kv.reserve_ttl,
         );
         tokio::spawn(async move {
             tokio::time::sleep(ttl).await;
             let expired = {
-                let mut r = reserved.lock().expect("lock");
-                match r.get(&req.request_id) {
-                    Some(&(rid, _)) if rid == id => r.remove(&req.request_id).is_some(),
+                let mut m = imports.lock().expect("lock");
+                match m.get(&req.request_id) {
+                    Some(i) if i.id == id => m.remove(&req.request_id).is_some(),
                     _ => false,
                 }
             };
             if expired {
-                tracing::warn!(request = %req.request_id, "freeing KV blocks reserved but never committed");
+                tracing::warn!(request = %req.request_id, "freeing KV blocks reserved but never attached");
                 handle.cancel_import(id);
             }
         });
@@ -693,13 +716,13 @@ impl Worker for WorkerService {
         request: Request<CancelKvRequest>,
     ) -> Result<Response<PushKvAck>, Status> {
         let rid = request.into_inner().request_id;
-        let (id, _) = self
-            .reserved
+        let import = self
+            .imports
             .lock()
             .expect("lock")
             .remove(&rid)
             .ok_or_else(|| Status::not_found(format!("no reserved blocks for request {rid}")))?;
-        self.handle.cancel_import(id);
+        self.handle.cancel_import(import.id);
         Ok(Response::new(PushKvAck { blocks: 0 }))
     }
 
@@ -715,30 +738,34 @@ impl Worker for WorkerService {
             )));
         }
         let req = request.into_inner();
-        let (id, reserved_at) = self
-            .reserved
-            .lock()
-            .expect("lock")
-            .remove(&req.request_id)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no reserved blocks for request {} (never reserved, or expired)",
-                    req.request_id
-                ))
-            })?;
         let computed = req.tokens.len().saturating_sub(1);
         let blocks = computed.div_ceil(self.block_size);
-        self.handle
-            .commit_import(
-                id,
-                req.tokens,
-                req.prompt_len as usize,
-                params_of(req.params),
-                None,
-            )
-            .await
-            .map_err(status_of)?;
-        self.pushed.lock().expect("lock").insert(req.request_id, id);
+        let reserved_at = {
+            let mut imports = self.imports.lock().expect("lock");
+            let import = imports
+                .get_mut(&req.request_id)
+                .filter(|i| i.committed.is_none())
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no reserved blocks for request {} (never reserved, expired or already committed)",
+                        req.request_id
+                    ))
+                })?;
+            if req.prompt_len as usize >= req.tokens.len() || blocks != import.blocks {
+                return Err(Status::invalid_argument(format!(
+                    "{} tokens (prompt {}) do not fill the {} blocks reserved",
+                    req.tokens.len(),
+                    req.prompt_len,
+                    import.blocks
+                )));
+            }
+            import.committed = Some(Committed {
+                tokens: req.tokens,
+                prompt_len: req.prompt_len as usize,
+                params: params_of(req.params),
+            });
+            import.reserved_at
+        };
         if let Some(cache) = &self.kv.shared_cache {
             let bytes = blocks * cache.block_bytes as usize * cache.n_pools as usize;
             self.metrics
@@ -767,16 +794,35 @@ impl Worker for WorkerService {
             )));
         }
         let rid = request.into_inner().request_id;
-        let id = self
-            .pushed
-            .lock()
-            .expect("lock")
-            .remove(&rid)
-            .ok_or_else(|| {
-                Status::not_found(format!("no transferred sequence for request {rid}"))
-            })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.handle.attach(id, tx).await.map_err(status_of)?;
+        let pushed = self.pushed.lock().expect("lock").remove(&rid);
+        let id = if let Some(id) = pushed {
+            self.handle.attach(id, tx).await.map_err(status_of)?;
+            id
+        } else {
+            let import = {
+                let mut imports = self.imports.lock().expect("lock");
+                match imports.get(&rid) {
+                    Some(i) if i.committed.is_some() => imports.remove(&rid),
+                    _ => None,
+                }
+            };
+            let Some(DeviceImport {
+                id,
+                committed: Some(c),
+                ..
+            }) = import
+            else {
+                return Err(Status::not_found(format!(
+                    "no transferred sequence for request {rid}"
+                )));
+            };
+            self.handle
+                .attach_import(id, c.tokens, c.prompt_len, c.params, tx)
+                .await
+                .map_err(status_of)?;
+            id
+        };
         let guard = AbortOnDrop {
             handle: self.handle.clone(),
             id,
