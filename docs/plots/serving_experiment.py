@@ -18,7 +18,9 @@ fig, (ax_t, ax_i) = plt.subplots(1, 2, figsize=(12, 4.5))
 styles = {(True, False): "-", (True, True): "--", (False, False): "-", (False, True): "--"}
 for arm in summary["arms"]:
     rows = [r for r in csv.DictReader(open(os.path.join(folder, os.path.basename(arm["csv"])))) if r["outcome"] == "ok"]
-    colour = "tab:blue" if arm["mode"] == "Colocated" else "tab:orange"
+    # Colocated blue; disaggregated orange with KV over gRPC, green device to device.
+    transports = arm.get("kv_transfer", {}).get("transports", [])
+    colour = "tab:blue" if arm["mode"] == "Colocated" else ("tab:green" if transports == ["device"] else "tab:orange")
     style = "--" if arm["chunked"] else "-"
     for ax, key in [(ax_t, "ttft_ms"), (ax_i, "p99_itl_ms")]:
         vals = sorted(float(r[key]) for r in rows if r[key])
