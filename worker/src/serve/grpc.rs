@@ -202,11 +202,16 @@ impl WorkerService {
         }
     }
 
-    fn admit(&self, wanted: &[Role]) -> Result<(), Status> {
+    /// New work: refused while draining, and by a worker of another role.
+    fn admit(&self, role: Role) -> Result<(), Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable("worker is draining"));
         }
-        if !wanted.contains(&self.role) {
+        self.require_role(role)
+    }
+
+    fn require_role(&self, role: Role) -> Result<(), Status> {
+        if self.role != role {
             return Err(Status::failed_precondition(format!(
                 "this worker's role is {}",
                 self.role
@@ -407,7 +412,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<TokenStream>, Status> {
-        self.admit(&[Role::Unified])?;
+        self.admit(Role::Unified)?;
         let req = request.into_inner();
         let id = self.new_id();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -427,7 +432,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<PrefillRequest>,
     ) -> Result<Response<PrefillResponse>, Status> {
-        self.admit(&[Role::Prefill])?;
+        self.admit(Role::Prefill)?;
         let req = request.into_inner();
         let params = params_of(req.params);
         let id = self.new_id();
@@ -541,7 +546,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<Streaming<KvChunk>>,
     ) -> Result<Response<PushKvAck>, Status> {
-        self.admit(&[Role::Decode])?;
+        self.admit(Role::Decode)?;
         let start = Instant::now();
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
@@ -631,7 +636,7 @@ impl Worker for WorkerService {
     }
 
     async fn kv_cache(&self, _: Request<KvCacheRequest>) -> Result<Response<KvCacheInfo>, Status> {
-        self.admit(&[Role::Decode])?;
+        self.admit(Role::Decode)?;
         let cache = self.kv.shared_cache.as_ref().ok_or_else(|| {
             Status::failed_precondition("this worker's KV cache cannot be shared (not on a GPU)")
         })?;
@@ -651,7 +656,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<ReserveKvRequest>,
     ) -> Result<Response<ReserveKvResponse>, Status> {
-        self.admit(&[Role::Decode])?;
+        self.admit(Role::Decode)?;
         let req = request.into_inner();
         if req.num_blocks == 0 {
             return Err(Status::invalid_argument("num_blocks must be positive"));
@@ -731,12 +736,7 @@ impl Worker for WorkerService {
         request: Request<CommitKvRequest>,
     ) -> Result<Response<PushKvAck>, Status> {
         // Allowed while draining: it completes a transfer already admitted.
-        if self.role != Role::Decode {
-            return Err(Status::failed_precondition(format!(
-                "this worker's role is {}",
-                self.role
-            )));
-        }
+        self.require_role(Role::Decode)?;
         let req = request.into_inner();
         let computed = req.tokens.len().saturating_sub(1);
         let blocks = computed.div_ceil(self.block_size);
@@ -787,12 +787,7 @@ impl Worker for WorkerService {
         request: Request<AttachRequest>,
     ) -> Result<Response<TokenStream>, Status> {
         // Allowed while draining: it finishes work already admitted.
-        if self.role != Role::Decode {
-            return Err(Status::failed_precondition(format!(
-                "this worker's role is {}",
-                self.role
-            )));
-        }
+        self.require_role(Role::Decode)?;
         let rid = request.into_inner().request_id;
         let (tx, rx) = mpsc::unbounded_channel();
         let pushed = self.pushed.lock().expect("lock").remove(&rid);
