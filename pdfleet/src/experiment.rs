@@ -51,6 +51,25 @@ pub struct ExperimentArgs {
     /// KV transports to run the disaggregated arms with (auto, device, grpc), one arm pair each
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub kv_transport: Vec<String>,
+    /// Which deployments to run
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "colocated,disaggregated"
+    )]
+    pub modes: Vec<Mode>,
+    /// Which prefill schedules to run: whole, chunked
+    #[arg(long, value_delimiter = ',', default_value = "whole,chunked")]
+    pub prefill: Vec<PrefillSchedule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefillSchedule {
+    /// A prompt in one step
+    Whole,
+    /// A prompt in chunks of `--chunk` tokens, interleaved with decodes
+    Chunked,
 }
 
 /// KV transfer totals over a run, read from the workers' and the router's metrics.
@@ -158,11 +177,13 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
     ];
     let mut arms = Vec::new();
     let name_transports = args.kv_transport != ["auto"];
-    let plan = std::iter::once((Mode::Colocated, None)).chain(
-        args.kv_transport
-            .iter()
-            .map(|t| (Mode::Disaggregated, Some(t.as_str()))),
-    );
+    let plan = std::iter::once((Mode::Colocated, None))
+        .chain(
+            args.kv_transport
+                .iter()
+                .map(|t| (Mode::Disaggregated, Some(t.as_str()))),
+        )
+        .filter(|(mode, _)| args.modes.contains(mode));
     for (mode, transport) in plan {
         let mode_name = match (mode, transport) {
             (Mode::Colocated, _) => "colocated: 2 unified".to_string(),
@@ -171,7 +192,16 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
             }
             _ => "disaggregated: 1 prefill + 1 decode".to_string(),
         };
-        for (is_chunked, knobs) in [(false, &big), (true, &chunked)] {
+        let schedules = [(false, &big), (true, &chunked)]
+            .into_iter()
+            .filter(|&(is_chunked, _)| {
+                args.prefill.contains(if is_chunked {
+                    &PrefillSchedule::Chunked
+                } else {
+                    &PrefillSchedule::Whole
+                })
+            });
+        for (is_chunked, knobs) in schedules {
             let name = format!(
                 "{mode_name}, {}",
                 if is_chunked {
