@@ -123,6 +123,13 @@ pub struct SharedKvCache {
     pub block_bytes: u32,
 }
 
+impl SharedKvCache {
+    /// Bytes that `blocks` blocks hold over every pool.
+    pub fn bytes(&self, blocks: usize) -> u64 {
+        blocks as u64 * self.block_bytes as u64 * self.n_pools as u64
+    }
+}
+
 /// Bytes one block occupies in one layer's K (or V) pool.
 pub fn block_bytes(config: &ModelConfig, block_size: usize) -> usize {
     block_size * config.kv_dim() * config.kv_dtype.bytes()

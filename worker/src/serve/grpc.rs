@@ -131,6 +131,16 @@ struct AbortOnDrop {
     armed: bool,
 }
 
+impl AbortOnDrop {
+    fn new(handle: &EngineHandle, id: u64) -> Self {
+        AbortOnDrop {
+            handle: handle.clone(),
+            id,
+            armed: true,
+        }
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         if self.armed {
@@ -218,6 +228,13 @@ impl WorkerService {
             )));
         }
         Ok(())
+    }
+
+    /// This worker's cache, for peers to write into; refused where it cannot be shared.
+    fn own_shared_cache(&self) -> Result<&SharedKvCache, Status> {
+        self.kv.shared_cache.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this worker's KV cache cannot be shared (not on a GPU)")
+        })
     }
 
     fn new_id(&self) -> u64 {
@@ -308,7 +325,7 @@ impl WorkerService {
         let addr = &req.decode_addr;
         let mut client = self.decode_client(addr).await.map_err(|e| (e, false))?;
         let num_blocks = req.prompt.len().div_ceil(self.block_size);
-        let bytes = (num_blocks * cache.block_bytes as usize * cache.n_pools as usize) as u64;
+        let bytes = cache.bytes(num_blocks);
         let blocks = client
             .reserve_kv(ReserveKvRequest {
                 request_id: req.request_id.clone(),
@@ -420,11 +437,7 @@ impl Worker for WorkerService {
             .submit(id, req.prompt, params_of(req.params), false, tx)
             .await
             .map_err(status_of)?;
-        let guard = AbortOnDrop {
-            handle: self.handle.clone(),
-            id,
-            armed: true,
-        };
+        let guard = AbortOnDrop::new(&self.handle, id);
         Ok(Response::new(token_stream(rx, guard)))
     }
 
@@ -443,11 +456,7 @@ impl Worker for WorkerService {
             .await
             .map_err(status_of)?;
         // Whatever happens from here (caller gone, push failed), the held blocks are freed.
-        let _guard = AbortOnDrop {
-            handle: self.handle.clone(),
-            id,
-            armed: true,
-        };
+        let _guard = AbortOnDrop::new(&self.handle, id);
         // Device path: reserve the decode worker's blocks while the prompt runs.
         let device = if self.kv.transport != KvTransport::Grpc && params.max_tokens > 1 {
             self.peer_cache(&req.decode_addr).await?
@@ -522,15 +531,8 @@ impl Worker for WorkerService {
         };
         let transfer_seconds = prefilled_at.elapsed().as_secs_f64();
         self.handle.release_held(id);
-        let labels = ["send", transport.as_str()];
         self.metrics
-            .kv_transfer_bytes
-            .with_label_values(&labels)
-            .inc_by(kv_bytes);
-        self.metrics
-            .kv_transfer_seconds
-            .with_label_values(&labels)
-            .observe(transfer_seconds);
+            .kv_moved("send", transport.as_str(), kv_bytes, transfer_seconds);
         Ok(Response::new(PrefillResponse {
             first_token,
             finish_reason: String::new(),
@@ -588,11 +590,7 @@ impl Worker for WorkerService {
             .await
             .map_err(status_of)?;
         // Until committed, a broken stream releases the reserved blocks.
-        let mut guard = AbortOnDrop {
-            handle: self.handle.clone(),
-            id,
-            armed: true,
-        };
+        let mut guard = AbortOnDrop::new(&self.handle, id);
         let mut assembler = Assembler::new(expected);
         while let Some(msg) = stream.message().await? {
             match msg.part {
@@ -622,14 +620,12 @@ impl Worker for WorkerService {
             .lock()
             .expect("lock")
             .insert(header.request_id, id);
-        self.metrics
-            .kv_transfer_bytes
-            .with_label_values(&["receive", "grpc"])
-            .inc_by(data.len() as u64);
-        self.metrics
-            .kv_transfer_seconds
-            .with_label_values(&["receive", "grpc"])
-            .observe(start.elapsed().as_secs_f64());
+        self.metrics.kv_moved(
+            "receive",
+            "grpc",
+            data.len() as u64,
+            start.elapsed().as_secs_f64(),
+        );
         Ok(Response::new(PushKvAck {
             blocks: header.num_blocks,
         }))
@@ -637,9 +633,7 @@ impl Worker for WorkerService {
 
     async fn kv_cache(&self, _: Request<KvCacheRequest>) -> Result<Response<KvCacheInfo>, Status> {
         self.admit(Role::Decode)?;
-        let cache = self.kv.shared_cache.as_ref().ok_or_else(|| {
-            Status::failed_precondition("this worker's KV cache cannot be shared (not on a GPU)")
-        })?;
+        let cache = self.own_shared_cache()?;
         Ok(Response::new(KvCacheInfo {
             ipc_handle: cache.ipc_handle.clone(),
             host_id: self.kv.host_id.clone(),
@@ -661,11 +655,7 @@ impl Worker for WorkerService {
         if req.num_blocks == 0 {
             return Err(Status::invalid_argument("num_blocks must be positive"));
         }
-        if self.kv.shared_cache.is_none() {
-            return Err(Status::failed_precondition(
-                "this worker's KV cache cannot be shared (not on a GPU)",
-            ));
-        }
+        self.own_shared_cache()?;
         if self
             .imports
             .lock()
@@ -766,17 +756,14 @@ impl Worker for WorkerService {
             });
             import.reserved_at
         };
-        if let Some(cache) = &self.kv.shared_cache {
-            let bytes = blocks * cache.block_bytes as usize * cache.n_pools as usize;
-            self.metrics
-                .kv_transfer_bytes
-                .with_label_values(&["receive", "device"])
-                .inc_by(bytes as u64);
-        }
-        self.metrics
-            .kv_transfer_seconds
-            .with_label_values(&["receive", "device"])
-            .observe(reserved_at.elapsed().as_secs_f64());
+        // Reserved blocks exist only where the cache is shared.
+        let bytes = self.own_shared_cache()?.bytes(blocks);
+        self.metrics.kv_moved(
+            "receive",
+            "device",
+            bytes,
+            reserved_at.elapsed().as_secs_f64(),
+        );
         Ok(Response::new(PushKvAck {
             blocks: blocks as u32,
         }))
@@ -818,11 +805,7 @@ impl Worker for WorkerService {
                 .map_err(status_of)?;
             id
         };
-        let guard = AbortOnDrop {
-            handle: self.handle.clone(),
-            id,
-            armed: true,
-        };
+        let guard = AbortOnDrop::new(&self.handle, id);
         Ok(Response::new(token_stream(rx, guard)))
     }
 

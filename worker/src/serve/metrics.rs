@@ -146,6 +146,18 @@ impl WorkerMetrics {
         }
     }
 
+    /// One sequence's KV moved: `direction` is "send" or "receive", `transport` "grpc" or
+    /// "device".
+    pub fn kv_moved(&self, direction: &str, transport: &str, bytes: u64, seconds: f64) {
+        let labels = [direction, transport];
+        self.kv_transfer_bytes
+            .with_label_values(&labels)
+            .inc_by(bytes);
+        self.kv_transfer_seconds
+            .with_label_values(&labels)
+            .observe(seconds);
+    }
+
     pub fn encode(&self) -> String {
         encode(&self.registry)
     }
