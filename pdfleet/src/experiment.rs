@@ -89,13 +89,15 @@ struct Transfer {
     device_copy_gb_per_s: Option<f64>,
 }
 
-/// Sums the samples of one metric (all label sets) in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
+/// Sums the samples of one metric in Prometheus text, over the label sets that contain every one
+/// of `labels` (e.g. `transport="device"`; none: all of them).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
         })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -111,17 +113,15 @@ async fn transfer_totals(fleet: &Fleet) -> Transfer {
         let Some(http) = &w.http else { continue };
         if let Ok(r) = client.get(format!("{http}/metrics")).send().await {
             let text = r.text().await.unwrap_or_default();
-            t.bytes += metric_sum(&text, "pdfleet_worker_kv_transfer_bytes_total");
-            t.seconds += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_sum");
-            t.transfers += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_count");
-            t.device_copy_seconds += metric_sum(&text, "pdfleet_worker_kv_device_copy_seconds_sum");
+            let bytes = "pdfleet_worker_kv_transfer_bytes_total";
+            t.bytes += metric_sum(&text, bytes, &[]);
+            t.seconds += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_sum", &[]);
+            t.transfers += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_count", &[]);
+            t.device_copy_seconds +=
+                metric_sum(&text, "pdfleet_worker_kv_device_copy_seconds_sum", &[]);
             for transport in ["device", "grpc"] {
                 let label = format!("transport=\"{transport}\"");
-                let used = text.lines().any(|l| {
-                    l.starts_with("pdfleet_worker_kv_transfer_bytes_total")
-                        && l.contains(&label)
-                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
-                });
+                let used = metric_sum(&text, bytes, &[&label]) > 0.0;
                 if used && !t.transports.iter().any(|x| x == transport) {
                     t.transports.push(transport.to_string());
                 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use pdfleet::experiment::metric_sum;
 use pdfleet::fleet::{terminate, Fleet, FleetConfig, Mode};
 use pdfleet::load::{parse_event, SseParser, StreamEvent};
 use pdfleet_worker::backend;
@@ -384,12 +385,11 @@ async fn kv_bytes_sent(fleet: &Fleet, transport: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    let label = format!("transport=\"{transport}\"");
-    text.lines()
-        .filter(|l| l.starts_with("pdfleet_worker_kv_transfer_bytes_total") && l.contains(&label))
-        .filter(|l| l.contains("direction=\"send\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(
+        &text,
+        "pdfleet_worker_kv_transfer_bytes_total",
+        &["direction=\"send\"", &format!("transport=\"{transport}\"")],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
