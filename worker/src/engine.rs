@@ -262,7 +262,7 @@ impl Engine {
     }
 
     fn id_in_use(&self, id: u64) -> bool {
-        self.waiting.iter().chain(&self.running).any(|s| s.id == id)
+        self.in_batch(id)
             || self.held.contains_key(&id)
             || self.parked.contains_key(&id)
             || self.reservations.contains_key(&id)

@@ -71,7 +71,7 @@ enum Command {
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Option<Vec<u8>>,
+        kv: Vec<u8>,
         reply: Reply<()>,
     },
     Attach {
@@ -179,7 +179,7 @@ impl EngineHandle {
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Option<Vec<u8>>,
+        kv: Vec<u8>,
     ) -> Result<(), EngineError> {
         self.ask(|reply| Command::CommitImport {
             id,
@@ -370,9 +370,9 @@ impl Actor {
                 kv,
                 reply,
             } => {
-                let result =
-                    self.engine
-                        .commit_import(id, tokens, prompt_len, params, kv.as_deref());
+                let result = self
+                    .engine
+                    .commit_import(id, tokens, prompt_len, params, Some(&kv));
                 if result.is_ok() {
                     self.parked_at.insert(id, Instant::now());
                 }
@@ -389,21 +389,11 @@ impl Actor {
                 let result = self
                     .engine
                     .commit_import(id, tokens, prompt_len, params, None)
-                    .and_then(|()| self.engine.attach(id));
-                if result.is_ok() {
-                    // The first token came from the prefill worker: what follows is inter-token.
-                    self.subscribe(id, events, true);
-                }
+                    .and_then(|()| self.attach(id, events));
                 let _ = reply.send(result);
             }
             Command::Attach { id, events, reply } => {
-                let result = self.engine.attach(id);
-                if result.is_ok() {
-                    self.parked_at.remove(&id);
-                    // The first token came from the prefill worker: what follows is inter-token.
-                    self.subscribe(id, events, true);
-                }
-                let _ = reply.send(result);
+                let _ = reply.send(self.attach(id, events));
             }
             Command::Status(reply) => {
                 let _ = reply.send(EngineStatus {
@@ -415,6 +405,14 @@ impl Actor {
                 });
             }
         }
+    }
+
+    fn attach(&mut self, id: u64, events: Events) -> Result<(), EngineError> {
+        self.engine.attach(id)?;
+        self.parked_at.remove(&id);
+        // The first token came from the prefill worker: what follows is inter-token.
+        self.subscribe(id, events, true);
+        Ok(())
     }
 
     fn copy_held_to(

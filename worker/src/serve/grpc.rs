@@ -606,13 +606,7 @@ impl Worker for WorkerService {
         let kv = transfer::convert(&data, wire, self.model.kv_dtype);
         let params = params_of(header.params);
         self.handle
-            .commit_import(
-                id,
-                header.tokens,
-                header.prompt_len as usize,
-                params,
-                Some(kv),
-            )
+            .commit_import(id, header.tokens, header.prompt_len as usize, params, kv)
             .await
             .map_err(status_of)?;
         guard.armed = false;
