@@ -4,6 +4,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
+pub use pdfleet_api::{KvDtype, PoolMode, Role};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -51,15 +52,6 @@ pub struct InferencePoolSpec {
     /// Worker and router image unless a role overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-}
-
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum PoolMode {
-    /// Prefill and decode workers; KV moves from one to the other.
-    #[default]
-    Disaggregated,
-    /// Unified workers that prefill and decode alike.
-    Colocated,
 }
 
 /// The engine's model. With the defaults it is the primer's toy attention model.
@@ -111,15 +103,6 @@ fn one() -> u32 {
 }
 fn default_max_seq_len() -> u32 {
     2048
-}
-
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDtype {
-    #[default]
-    F32,
-    F16,
-    Bf16,
 }
 
 /// Weights drawn from a seed, or read from a safetensors file on a volume; with neither, the
@@ -348,6 +331,17 @@ pub struct InferencePoolStatus {
     pub last_scale_time: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+impl InferencePoolSpec {
+    /// The spec of a worker role, when the pool names one.
+    pub fn role(&self, role: Role) -> Option<&RoleSpec> {
+        match role {
+            Role::Prefill => self.prefill.as_ref(),
+            Role::Decode => self.decode.as_ref(),
+            Role::Unified => self.unified.as_ref(),
+        }
+    }
 }
 
 /// The CRD as YAML, as committed in `crds/inferencepool.yaml` and the chart.

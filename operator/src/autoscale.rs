@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use pdfleet_api::metrics::{self, router};
+use pdfleet_api::Role;
 use pdfleet_crds::{AutoscalingSpec, SloSpec};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -14,9 +16,10 @@ pub struct Observed {
 }
 
 /// The PromQL for a router latency histogram at quantile `q`, in milliseconds.
-pub fn query(metric: &str, namespace: &str, pool: &str, q: f64) -> String {
+pub fn query(histogram: &str, namespace: &str, pool: &str, q: f64) -> String {
     format!(
-        "1000 * histogram_quantile({q}, sum by (le) (rate(pdfleet_router_{metric}_seconds_bucket{{namespace=\"{namespace}\",pool=\"{pool}\"}}[2m])))"
+        "1000 * histogram_quantile({q}, sum by (le) (rate({}{{namespace=\"{namespace}\",pool=\"{pool}\"}}[2m])))",
+        metrics::bucket(histogram)
     )
 }
 
@@ -39,8 +42,8 @@ pub async fn observe(
 ) -> Result<Observed, reqwest::Error> {
     let mut out = Observed::default();
     for (metric, slot) in [
-        ("time_to_first_token", &mut out.ttft_ms),
-        ("inter_token_latency", &mut out.itl_ms),
+        (router::TTFT, &mut out.ttft_ms),
+        (router::ITL, &mut out.itl_ms),
     ] {
         let body: serde_json::Value = client
             .get(format!("{}/api/v1/query", url.trim_end_matches('/')))
@@ -87,11 +90,11 @@ pub fn decide(step: Step, a: &AutoscalingSpec) -> i32 {
 
 /// The SLO target that drives a role: TTFT for prefill, ITL for decode, the tighter of the two
 /// (relative to its target) for unified workers.
-pub fn driver(role: &str, slo: &SloSpec, seen: &Observed) -> (Option<f64>, f64) {
+pub fn driver(role: Role, slo: &SloSpec, seen: &Observed) -> (Option<f64>, f64) {
     match role {
-        "prefill" => (seen.ttft_ms, slo.ttft_ms as f64),
-        "decode" => (seen.itl_ms, slo.itl_ms as f64),
-        _ => {
+        Role::Prefill => (seen.ttft_ms, slo.ttft_ms as f64),
+        Role::Decode => (seen.itl_ms, slo.itl_ms as f64),
+        Role::Unified => {
             let ttft = seen.ttft_ms.map(|v| v / slo.ttft_ms as f64);
             let itl = seen.itl_ms.map(|v| v / slo.itl_ms as f64);
             // Express the worse ratio against a target of 1.
@@ -172,8 +175,13 @@ mod tests {
         let nan = serde_json::json!({"data": {"result": [{"value": [1.0, "NaN"]}]}});
         assert_eq!(scalar(&nan), None);
         assert_eq!(scalar(&serde_json::json!({"data": {"result": []}})), None);
-        assert!(query("time_to_first_token", "ml", "chat", 0.99)
-            .contains(r#"{namespace="ml",pool="chat"}"#));
+        let q = query(router::TTFT, "ml", "chat", 0.99);
+        assert!(
+            q.contains(
+                r#"pdfleet_router_time_to_first_token_seconds_bucket{namespace="ml",pool="chat"}"#
+            ),
+            "{q}"
+        );
     }
 
     #[test]
@@ -187,7 +195,7 @@ mod tests {
             ttft_ms: Some(250.0),
             itl_ms: Some(75.0),
         };
-        assert_eq!(driver("unified", &slo, &seen), (Some(1.5), 1.0));
-        assert_eq!(driver("prefill", &slo, &seen), (Some(250.0), 500.0));
+        assert_eq!(driver(Role::Unified, &slo, &seen), (Some(1.5), 1.0));
+        assert_eq!(driver(Role::Prefill, &slo, &seen), (Some(250.0), 500.0));
     }
 }

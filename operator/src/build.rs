@@ -18,13 +18,14 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use pdfleet_crds::{InferencePool, KvDtype, PoolMode, RoleSpec, ServiceType, TopologyPolicy};
+use pdfleet_api::labels::{self, env};
+use pdfleet_api::worker_args::{EngineArgs, ModelArgs, RouterArgs, WorkerArgs};
+use pdfleet_api::Role;
+use pdfleet_crds::{InferencePool, RoleSpec, ServiceType, TopologyPolicy};
 
-pub const GRPC_PORT: i32 = 50051;
-pub const METRICS_PORT: i32 = 9090;
-pub const ROUTER_PORT: i32 = 8080;
-pub const POOL_LABEL: &str = "pdfleet.dev/pool";
-pub const ROLE_LABEL: &str = "pdfleet.dev/role";
+const GRPC_PORT: i32 = labels::GRPC_PORT as i32;
+const METRICS_PORT: i32 = labels::METRICS_PORT as i32;
+const ROUTER_PORT: i32 = labels::ROUTER_PORT as i32;
 /// The ClusterRole (from the chart) that lets a router watch its pool's EndpointSlices.
 pub const ROUTER_CLUSTER_ROLE: &str = "pdfleet-router";
 
@@ -35,19 +36,21 @@ pub struct Defaults {
     pub router_image: String,
 }
 
+/// What a child of a pool is for: a worker role's, the router's, or the pool's model config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Unified,
+pub enum Part {
+    Worker(Role),
+    Router,
+    Model,
 }
 
-impl Role {
+impl Part {
+    /// Its value of the role label, and its children's name suffix.
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-            Role::Unified => "unified",
+            Part::Worker(role) => role.as_str(),
+            Part::Router => labels::ROUTER,
+            Part::Model => "model",
         }
     }
 }
@@ -55,32 +58,27 @@ impl Role {
 /// The worker roles a pool runs, with their specs.
 pub fn roles(pool: &InferencePool) -> Vec<(Role, &RoleSpec)> {
     let s = &pool.spec;
-    match s.mode {
-        PoolMode::Disaggregated => [(Role::Prefill, &s.prefill), (Role::Decode, &s.decode)]
-            .into_iter()
-            .filter_map(|(r, spec)| spec.as_ref().map(|spec| (r, spec)))
-            .collect(),
-        PoolMode::Colocated => s.unified.iter().map(|spec| (Role::Unified, spec)).collect(),
-    }
+    s.mode
+        .roles()
+        .iter()
+        .filter_map(|&r| s.role(r).map(|spec| (r, spec)))
+        .collect()
 }
 
-pub fn labels(pool: &InferencePool, role: &str) -> BTreeMap<String, String> {
+pub fn labels(pool: &InferencePool, part: Part) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "pdfleet".to_string()),
         ("app.kubernetes.io/instance".to_string(), pool.name_any()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "pdfleet-operator".to_string(),
-        ),
-        (POOL_LABEL.to_string(), pool.name_any()),
-        (ROLE_LABEL.to_string(), role.to_string()),
+        (labels::MANAGED_BY.to_string(), labels::OPERATOR.to_string()),
+        (labels::POOL.to_string(), pool.name_any()),
+        (labels::ROLE.to_string(), part.as_str().to_string()),
     ])
 }
 
-fn selector(pool: &InferencePool, role: &str) -> BTreeMap<String, String> {
+fn selector(pool: &InferencePool, part: Part) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (POOL_LABEL.to_string(), pool.name_any()),
-        (ROLE_LABEL.to_string(), role.to_string()),
+        (labels::POOL.to_string(), pool.name_any()),
+        (labels::ROLE.to_string(), part.as_str().to_string()),
     ])
 }
 
@@ -89,77 +87,56 @@ fn owner(pool: &InferencePool) -> OwnerReference {
         .expect("a stored pool has a name and uid")
 }
 
-fn meta(pool: &InferencePool, name: String, role: &str) -> ObjectMeta {
+fn meta(pool: &InferencePool, name: String, part: Part) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: pool.namespace(),
-        labels: Some(labels(pool, role)),
+        labels: Some(labels(pool, part)),
         owner_references: Some(vec![owner(pool)]),
         ..Default::default()
     }
 }
 
-pub fn child_name(pool: &InferencePool, role: &str) -> String {
-    format!("{}-{role}", pool.name_any())
+pub fn child_name(pool: &InferencePool, part: Part) -> String {
+    format!("{}-{}", pool.name_any(), part.as_str())
 }
 
-/// The worker's command line, rendered from the model and the role's engine knobs.
-pub fn worker_args(pool: &InferencePool, role: Role, spec: &RoleSpec) -> Vec<String> {
+/// The worker's configuration, from the model and the role's engine knobs (unset ones take the
+/// worker's defaults).
+pub fn worker_config(pool: &InferencePool, role: Role, spec: &RoleSpec) -> WorkerArgs {
     let m = &pool.spec.model;
-    let mut a: Vec<String> = vec![
-        "serve".into(),
-        "--role".into(),
-        role.as_str().into(),
-        "--grpc-addr".into(),
-        format!("0.0.0.0:{GRPC_PORT}"),
-        "--http-addr".into(),
-        format!("0.0.0.0:{METRICS_PORT}"),
-        "--backend".into(),
-        "auto".into(),
-    ];
-    let kv = match m.kv_dtype {
-        KvDtype::F32 => "f32",
-        KvDtype::F16 => "f16",
-        KvDtype::Bf16 => "bf16",
-    };
-    for (flag, v) in [
-        ("--vocab-size", m.vocab_size.to_string()),
-        ("--dim", m.dim.to_string()),
-        ("--n-heads", m.n_heads.to_string()),
-        ("--n-kv-heads", m.n_kv_heads.to_string()),
-        ("--n-layers", m.n_layers.to_string()),
-        ("--max-seq-len", m.max_seq_len.to_string()),
-        ("--kv-dtype", kv.to_string()),
-        ("--grace-period-s", spec.grace_period_seconds.to_string()),
-    ] {
-        a.push(flag.into());
-        a.push(v);
-    }
-    if let Some(seed) = m.weights.seed {
-        a.extend(["--weights-seed".into(), seed.to_string()]);
-    }
-    if let Some(file) = &m.weights.file {
-        a.extend([
-            "--weights".into(),
-            format!("/weights/{}", file.trim_start_matches('/')),
-        ]);
-    }
     let e = &spec.engine;
-    for (flag, v) in [
-        ("--num-blocks", e.kv_blocks),
-        ("--block-size", e.block_size),
-        ("--max-batch-tokens", e.max_batch_tokens),
-        ("--chunk-size", e.chunk_size),
-        ("--max-running", e.max_running),
-    ] {
-        if let Some(v) = v {
-            a.extend([flag.to_string(), v.to_string()]);
-        }
+    let defaults = EngineArgs::default();
+    let knob = |v: Option<u32>, default: usize| v.map_or(default, |v| v as usize);
+    WorkerArgs {
+        model: ModelArgs {
+            vocab_size: m.vocab_size as usize,
+            dim: m.dim as usize,
+            n_heads: m.n_heads as usize,
+            n_kv_heads: m.n_kv_heads as usize,
+            n_layers: m.n_layers as usize,
+            max_seq_len: m.max_seq_len as usize,
+            kv_dtype: m.kv_dtype,
+            weights: m
+                .weights
+                .file
+                .as_ref()
+                .map(|f| format!("/weights/{}", f.trim_start_matches('/')).into()),
+            weights_seed: m.weights.seed,
+        },
+        engine: EngineArgs {
+            block_size: knob(e.block_size, defaults.block_size),
+            num_blocks: knob(e.kv_blocks, defaults.num_blocks),
+            max_batch_tokens: knob(e.max_batch_tokens, defaults.max_batch_tokens),
+            chunk_size: knob(e.chunk_size, defaults.chunk_size),
+            max_running: knob(e.max_running, defaults.max_running),
+            max_waiting: defaults.max_waiting,
+        },
+        kv_wire_f16: e.kv_wire_f16 && role == Role::Prefill,
+        pool: pool.name_any(),
+        grace_period_s: spec.grace_period_seconds as u64,
+        ..WorkerArgs::new(role)
     }
-    if e.kv_wire_f16 && role == Role::Prefill {
-        a.push("--kv-wire-f16".into());
-    }
-    a
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -216,7 +193,10 @@ pub fn affinity(pool: &InferencePool) -> Option<Affinity> {
     let topo = pool.spec.topology.as_ref()?;
     let term = PodAffinityTerm {
         label_selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(POOL_LABEL.to_string(), pool.name_any())])),
+            match_labels: Some(BTreeMap::from([(
+                labels::POOL.to_string(),
+                pool.name_any(),
+            )])),
             ..Default::default()
         }),
         topology_key: topo.key.clone(),
@@ -258,17 +238,10 @@ pub fn worker_deployment(
     replicas: i32,
     defaults: &Defaults,
 ) -> Deployment {
-    let r = role.as_str();
-    let mut pod_labels = labels(pool, r);
+    let part = Part::Worker(role);
+    let mut pod_labels = labels(pool, part);
     pod_labels.insert("app.kubernetes.io/component".into(), "worker".into());
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        EnvVar {
-            name: "PDFLEET_POOL".into(),
-            value: Some(pool.name_any()),
-            ..Default::default()
-        },
-    ];
+    let mut env = vec![field_env(env::POD, "metadata.name")];
     // The domain the router pairs within: the node, when the topology key is the hostname.
     if pool
         .spec
@@ -276,7 +249,7 @@ pub fn worker_deployment(
         .as_ref()
         .is_some_and(|t| t.key == "kubernetes.io/hostname")
     {
-        env.push(field_env("PDFLEET_DOMAIN", "spec.nodeName"));
+        env.push(field_env(env::DOMAIN, "spec.nodeName"));
     }
     let w = &pool.spec.model.weights;
     let volume = w.persistent_volume_claim.as_ref().map(|claim| Volume {
@@ -301,16 +274,16 @@ pub fn worker_deployment(
         name: "worker".into(),
         image: Some(image(pool, &spec.image, &defaults.worker_image)),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(worker_args(pool, role, spec)),
+        args: Some(worker_config(pool, role, spec).to_args()),
         env: Some(env),
         ports: Some(vec![
             ContainerPort {
-                name: Some("grpc".into()),
+                name: Some(labels::GRPC_PORT_NAME.into()),
                 container_port: GRPC_PORT,
                 ..Default::default()
             },
             ContainerPort {
-                name: Some("metrics".into()),
+                name: Some(labels::METRICS_PORT_NAME.into()),
                 container_port: METRICS_PORT,
                 ..Default::default()
             },
@@ -332,11 +305,11 @@ pub fn worker_deployment(
         ..Default::default()
     };
     Deployment {
-        metadata: meta(pool, child_name(pool, r), r),
+        metadata: meta(pool, child_name(pool, part), part),
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
             selector: LabelSelector {
-                match_labels: Some(selector(pool, r)),
+                match_labels: Some(selector(pool, part)),
                 ..Default::default()
             },
             // Never below the desired count while rolling: a new pod is ready before an old one
@@ -375,21 +348,21 @@ pub fn worker_deployment(
 
 /// Headless Service per role: its EndpointSlices are how the router finds the workers.
 pub fn role_service(pool: &InferencePool, role: Role) -> Service {
-    let r = role.as_str();
+    let part = Part::Worker(role);
     Service {
-        metadata: meta(pool, child_name(pool, r), r),
+        metadata: meta(pool, child_name(pool, part), part),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some(selector(pool, r)),
+            selector: Some(selector(pool, part)),
             ports: Some(vec![
                 ServicePort {
-                    name: Some("grpc".into()),
+                    name: Some(labels::GRPC_PORT_NAME.into()),
                     port: GRPC_PORT,
                     target_port: Some(IntOrString::Int(GRPC_PORT)),
                     ..Default::default()
                 },
                 ServicePort {
-                    name: Some("metrics".into()),
+                    name: Some(labels::METRICS_PORT_NAME.into()),
                     port: METRICS_PORT,
                     target_port: Some(IntOrString::Int(METRICS_PORT)),
                     ..Default::default()
@@ -404,7 +377,7 @@ pub fn role_service(pool: &InferencePool, role: Role) -> Service {
 
 pub fn router_service_account(pool: &InferencePool) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(pool, child_name(pool, "router"), "router"),
+        metadata: meta(pool, child_name(pool, Part::Router), Part::Router),
         ..Default::default()
     }
 }
@@ -412,7 +385,7 @@ pub fn router_service_account(pool: &InferencePool) -> ServiceAccount {
 /// Lets the pool's router watch EndpointSlices in its namespace.
 pub fn router_role_binding(pool: &InferencePool) -> RoleBinding {
     RoleBinding {
-        metadata: meta(pool, child_name(pool, "router"), "router"),
+        metadata: meta(pool, child_name(pool, Part::Router), Part::Router),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
@@ -420,48 +393,40 @@ pub fn router_role_binding(pool: &InferencePool) -> RoleBinding {
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
-            name: child_name(pool, "router"),
+            name: child_name(pool, Part::Router),
             namespace: pool.namespace(),
             ..Default::default()
         }]),
     }
 }
 
-pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deployment {
+/// The router's configuration: it finds its workers through the pool's EndpointSlices.
+pub fn router_config(pool: &InferencePool) -> RouterArgs {
     let m = &pool.spec.model;
-    let mut pod_labels = labels(pool, "router");
+    RouterArgs {
+        discover_pool: Some(pool.name_any()),
+        model_name: m.name.clone(),
+        vocab_size: m.vocab_size as usize,
+        max_seq_len: m.max_seq_len as usize,
+        topology_key: pool.spec.topology.as_ref().map(|t| t.key.clone()),
+        pool: pool.name_any(),
+        ..RouterArgs::new()
+    }
+}
+
+pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deployment {
+    let mut pod_labels = labels(pool, Part::Router);
     pod_labels.insert("app.kubernetes.io/component".into(), "router".into());
-    let args = vec![
-        "--listen".to_string(),
-        format!("0.0.0.0:{ROUTER_PORT}"),
-        "--discover-pool".into(),
-        pool.name_any(),
-        "--model-name".into(),
-        m.name.clone(),
-        "--vocab-size".into(),
-        m.vocab_size.to_string(),
-        "--max-seq-len".into(),
-        m.max_seq_len.to_string(),
-        "--topology-key".into(),
-        pool.spec
-            .topology
-            .as_ref()
-            .map(|t| t.key.clone())
-            .unwrap_or_default(),
-    ];
+    // The namespace and the pod's name come from the pod itself (env).
+    let args = router_config(pool).to_args();
     let container = Container {
         name: "router".into(),
         image: Some(image(pool, &pool.spec.router.image, &defaults.router_image)),
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(args),
         env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            EnvVar {
-                name: "PDFLEET_POOL".into(),
-                value: Some(pool.name_any()),
-                ..Default::default()
-            },
+            field_env(env::POD, "metadata.name"),
+            field_env(env::NAMESPACE, "metadata.namespace"),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
@@ -472,11 +437,11 @@ pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deploymen
         ..Default::default()
     };
     Deployment {
-        metadata: meta(pool, child_name(pool, "router"), "router"),
+        metadata: meta(pool, child_name(pool, Part::Router), Part::Router),
         spec: Some(DeploymentSpec {
             replicas: Some(pool.spec.router.replicas),
             selector: LabelSelector {
-                match_labels: Some(selector(pool, "router")),
+                match_labels: Some(selector(pool, Part::Router)),
                 ..Default::default()
             },
             template: PodTemplateSpec {
@@ -491,7 +456,7 @@ pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deploymen
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    service_account_name: Some(child_name(pool, "router")),
+                    service_account_name: Some(child_name(pool, Part::Router)),
                     ..Default::default()
                 }),
             },
@@ -509,10 +474,10 @@ pub fn router_service(pool: &InferencePool) -> Service {
         ServiceType::LoadBalancer => "LoadBalancer",
     };
     Service {
-        metadata: meta(pool, pool.name_any(), "router"),
+        metadata: meta(pool, pool.name_any(), Part::Router),
         spec: Some(ServiceSpec {
             type_: Some(type_.into()),
-            selector: Some(selector(pool, "router")),
+            selector: Some(selector(pool, Part::Router)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: 80,
@@ -526,13 +491,14 @@ pub fn router_service(pool: &InferencePool) -> Service {
 }
 
 /// At most one pod of a role down at a time for voluntary disruptions.
-pub fn pdb(pool: &InferencePool, role: &str) -> PodDisruptionBudget {
+pub fn pdb(pool: &InferencePool, role: Role) -> PodDisruptionBudget {
+    let part = Part::Worker(role);
     PodDisruptionBudget {
-        metadata: meta(pool, child_name(pool, role), role),
+        metadata: meta(pool, child_name(pool, part), part),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
-                match_labels: Some(selector(pool, role)),
+                match_labels: Some(selector(pool, part)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -545,7 +511,7 @@ pub fn pdb(pool: &InferencePool, role: &str) -> PodDisruptionBudget {
 pub fn model_config_map(pool: &InferencePool) -> ConfigMap {
     let json = serde_json::to_string_pretty(&pool.spec.model).expect("the model serialises");
     ConfigMap {
-        metadata: meta(pool, child_name(pool, "model"), "model"),
+        metadata: meta(pool, child_name(pool, Part::Model), Part::Model),
         data: Some(BTreeMap::from([("model.json".to_string(), json)])),
         ..Default::default()
     }
@@ -640,7 +606,7 @@ mod tests {
                 .unwrap()
                 .match_labels
                 .as_ref()
-                .unwrap()[POOL_LABEL],
+                .unwrap()[labels::POOL],
             "chat"
         );
         let p = pool(serde_json::json!({"model": {}, "prefill": {}, "decode": {},
@@ -683,10 +649,10 @@ mod tests {
         assert_eq!(s.spec.unwrap().type_.as_deref(), Some("NodePort"));
         let h = role_service(&p, Role::Decode);
         assert_eq!(h.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"));
-        assert_eq!(h.metadata.labels.unwrap()[ROLE_LABEL], "decode");
+        assert_eq!(h.metadata.labels.unwrap()[labels::ROLE], "decode");
         assert_eq!(router_role_binding(&p).role_ref.name, ROUTER_CLUSTER_ROLE);
         assert_eq!(
-            pdb(&p, "decode").spec.unwrap().max_unavailable,
+            pdb(&p, Role::Decode).spec.unwrap().max_unavailable,
             Some(IntOrString::Int(1))
         );
     }

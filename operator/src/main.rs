@@ -131,7 +131,11 @@ async fn main() -> anyhow::Result<()> {
         metrics,
     });
     let pools: Api<InferencePool> = Api::all(client.clone());
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=pdfleet-operator");
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        pdfleet_api::labels::MANAGED_BY,
+        pdfleet_api::labels::OPERATOR
+    ));
     let controller = Controller::new(pools, watcher::Config::default())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())

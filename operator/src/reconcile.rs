@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::autoscale;
-use crate::build::{self, Defaults, Role};
+use crate::build::{self, Defaults, Part};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use pdfleet_api::Role;
 
 pub const FIELD_MANAGER: &str = "pdfleet-operator";
 
@@ -96,7 +97,7 @@ async fn apply_children(
             &build::worker_deployment(pool, role, spec, n, &ctx.defaults),
         )
         .await?;
-        apply::<PodDisruptionBudget>(c, &ns, &build::pdb(pool, role.as_str())).await?;
+        apply::<PodDisruptionBudget>(c, &ns, &build::pdb(pool, role)).await?;
     }
     apply::<ServiceAccount>(c, &ns, &build::router_service_account(pool)).await?;
     apply::<RoleBinding>(c, &ns, &build::router_role_binding(pool)).await?;
@@ -156,14 +157,15 @@ async fn observe(pool: &InferencePool, ctx: &Context) -> Result<InferencePoolSta
         ..Default::default()
     };
     for (role, _) in build::roles(pool) {
-        let s = Some(role_status(&deployments, &build::child_name(pool, role.as_str())).await?);
+        let s =
+            Some(role_status(&deployments, &build::child_name(pool, Part::Worker(role))).await?);
         match role {
             Role::Prefill => st.prefill = s,
             Role::Decode => st.decode = s,
             Role::Unified => st.unified = s,
         }
     }
-    st.router = Some(role_status(&deployments, &build::child_name(pool, "router")).await?);
+    st.router = Some(role_status(&deployments, &build::child_name(pool, Part::Router)).await?);
     (st.prefill_replicas, st.decode_replicas) = match pool.spec.mode {
         PoolMode::Disaggregated => (ratio(&st.prefill), ratio(&st.decode)),
         PoolMode::Colocated => (ratio(&st.unified), ratio(&st.unified)),
@@ -177,13 +179,13 @@ async fn observe(pool: &InferencePool, ctx: &Context) -> Result<InferencePoolSta
         (st.ttft_ms, st.itl_ms) = (p.ttft_ms, p.itl_ms);
     }
     let all: Vec<(&str, &RoleStatus)> = [
-        ("prefill", &st.prefill),
-        ("decode", &st.decode),
-        ("unified", &st.unified),
-        ("router", &st.router),
+        (Part::Worker(Role::Prefill), &st.prefill),
+        (Part::Worker(Role::Decode), &st.decode),
+        (Part::Worker(Role::Unified), &st.unified),
+        (Part::Router, &st.router),
     ]
     .into_iter()
-    .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
+    .filter_map(|(part, s)| s.as_ref().map(|s| (part.as_str(), s)))
     .collect();
     let short: Vec<String> = all
         .iter()
@@ -323,7 +325,7 @@ async fn autoscale(
     let mut changes = Vec::new();
     for (role, spec) in build::roles(pool) {
         let now = current(role).unwrap_or(spec.replicas);
-        let (observed_ms, target_ms) = autoscale::driver(role.as_str(), slo, &seen);
+        let (observed_ms, target_ms) = autoscale::driver(role, slo, &seen);
         let step = autoscale::Step {
             current: now,
             min: spec.min_replicas.unwrap_or(spec.replicas),
@@ -334,7 +336,7 @@ async fn autoscale(
         };
         let next = autoscale::decide(step, a);
         if next != now {
-            changes.push(format!("{} {now} -> {next}", role.as_str()));
+            changes.push(format!("{role} {now} -> {next}"));
         }
         replicas.push((role, next));
     }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::fleet::{Fleet, FleetConfig, Mode};
+use pdfleet_api::metrics::{self, sum_in_text, worker};
+use pdfleet_api::{BackendKind, KvTransport, KvTransportPolicy, PoolMode, Role};
+
+use crate::fleet::{worker_from_flags, Fleet, FleetConfig};
 use crate::load::{self, LenDist, LoadConfig, LoadSummary};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,8 +42,8 @@ pub struct ExperimentArgs {
         allow_hyphen_values = true
     )]
     pub model: String,
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
     #[arg(long, default_value = "docs/data/serving-experiment")]
     pub out: PathBuf,
     #[arg(long, default_value_t = 11)]
@@ -48,9 +51,9 @@ pub struct ExperimentArgs {
     /// GPUs to spread the workers over (one each when there are as many); 0 leaves them be
     #[arg(long, default_value_t = 0)]
     pub gpus: usize,
-    /// KV transports to run the disaggregated arms with (auto, device, grpc), one arm pair each
-    #[arg(long, value_delimiter = ',', default_value = "auto")]
-    pub kv_transport: Vec<String>,
+    /// KV transports to run the disaggregated arms with, one arm pair each
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    pub kv_transport: Vec<KvTransportPolicy>,
     /// Which deployments to run
     #[arg(
         long,
@@ -58,7 +61,7 @@ pub struct ExperimentArgs {
         value_delimiter = ',',
         default_value = "colocated,disaggregated"
     )]
-    pub modes: Vec<Mode>,
+    pub modes: Vec<PoolMode>,
     /// Which prefill schedules to run: whole, chunked
     #[arg(long, value_delimiter = ',', default_value = "whole,chunked")]
     pub prefill: Vec<PrefillSchedule>,
@@ -89,40 +92,28 @@ struct Transfer {
     device_copy_gb_per_s: Option<f64>,
 }
 
-/// Sums the samples of one metric in Prometheus text, over the label sets that contain every one
-/// of `labels` (e.g. `transport="device"`; none: all of them).
-pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
-        })
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn transfer_totals(fleet: &Fleet) -> Transfer {
     let client = reqwest::Client::new();
     let mut t = Transfer::default();
+    let sent = "direction=\"send\"";
     for w in fleet
         .workers
         .iter()
-        .filter(|w| w.name.starts_with("prefill"))
+        .filter(|w| w.name.starts_with(Role::Prefill.as_str()))
     {
         let Some(http) = &w.http else { continue };
         if let Ok(r) = client.get(format!("{http}/metrics")).send().await {
             let text = r.text().await.unwrap_or_default();
-            let bytes = "pdfleet_worker_kv_transfer_bytes_total";
-            t.bytes += metric_sum(&text, bytes, &[]);
-            t.seconds += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_sum", &[]);
-            t.transfers += metric_sum(&text, "pdfleet_worker_kv_transfer_seconds_count", &[]);
+            t.bytes += sum_in_text(&text, worker::KV_TRANSFER_BYTES, &[sent]);
+            t.seconds += sum_in_text(&text, &metrics::sum(worker::KV_TRANSFER_SECONDS), &[sent]);
+            t.transfers +=
+                sum_in_text(&text, &metrics::count(worker::KV_TRANSFER_SECONDS), &[sent]);
             t.device_copy_seconds +=
-                metric_sum(&text, "pdfleet_worker_kv_device_copy_seconds_sum", &[]);
-            for transport in ["device", "grpc"] {
+                sum_in_text(&text, &metrics::sum(worker::KV_DEVICE_COPY_SECONDS), &[]);
+            for transport in [KvTransport::Device, KvTransport::Grpc] {
                 let label = format!("transport=\"{transport}\"");
-                let used = metric_sum(&text, bytes, &[&label]) > 0.0;
-                if used && !t.transports.iter().any(|x| x == transport) {
+                let used = sum_in_text(&text, worker::KV_TRANSFER_BYTES, &[sent, &label]) > 0.0;
+                if used && !t.transports.iter().any(|x| x == transport.as_str()) {
                     t.transports.push(transport.to_string());
                 }
             }
@@ -164,44 +155,31 @@ fn ms(p: &Option<load::Percentiles>, f: impl Fn(&load::Percentiles) -> f64) -> S
 pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let model: Vec<String> = args.model.split_whitespace().map(String::from).collect();
-    let big = ["--chunk-size", "4096", "--max-batch-tokens", "4096"]
-        .map(String::from)
-        .to_vec();
-    let chunk = args.chunk.to_string();
-    let chunked = vec![
-        "--chunk-size".to_string(),
-        chunk.clone(),
-        "--max-batch-tokens".into(),
-        (args.chunk * 4).to_string(),
-    ];
+    let model: Vec<&str> = args.model.split_whitespace().collect();
+    let base = worker_from_flags(&model)?;
+    let chunk = args.chunk;
     let mut arms = Vec::new();
-    let name_transports = args.kv_transport != ["auto"];
-    let plan = std::iter::once((Mode::Colocated, None))
+    let name_transports = args.kv_transport != [KvTransportPolicy::Auto];
+    let plan = std::iter::once((PoolMode::Colocated, None))
         .chain(
             args.kv_transport
                 .iter()
-                .map(|t| (Mode::Disaggregated, Some(t.as_str()))),
+                .map(|&t| (PoolMode::Disaggregated, Some(t))),
         )
         .filter(|(mode, _)| args.modes.contains(mode));
     for (mode, transport) in plan {
         let mode_name = match (mode, transport) {
-            (Mode::Colocated, _) => "colocated: 2 unified".to_string(),
+            (PoolMode::Colocated, _) => "colocated: 2 unified".to_string(),
             (_, Some(t)) if name_transports => {
                 format!("disaggregated: 1 prefill + 1 decode, KV {t}")
             }
             _ => "disaggregated: 1 prefill + 1 decode".to_string(),
         };
-        let schedules = [(false, &big), (true, &chunked)]
+        let schedules = [PrefillSchedule::Whole, PrefillSchedule::Chunked]
             .into_iter()
-            .filter(|&(is_chunked, _)| {
-                args.prefill.contains(if is_chunked {
-                    &PrefillSchedule::Chunked
-                } else {
-                    &PrefillSchedule::Whole
-                })
-            });
-        for (is_chunked, knobs) in schedules {
+            .filter(|s| args.prefill.contains(s));
+        for schedule in schedules {
+            let is_chunked = schedule == PrefillSchedule::Chunked;
             let name = format!(
                 "{mode_name}, {}",
                 if is_chunked {
@@ -210,22 +188,23 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
                     "whole prefill".into()
                 }
             );
-            let transport_args = transport
-                .map(|t| vec!["--kv-transport".to_string(), t.to_string()])
-                .unwrap_or_default();
-            let worker_args: Vec<String> = model
-                .iter()
-                .chain(knobs.iter())
-                .chain(transport_args.iter())
-                .cloned()
-                .collect();
+            let mut worker = base.clone();
+            worker.backend = args.backend;
+            (worker.engine.chunk_size, worker.engine.max_batch_tokens) = if is_chunked {
+                (chunk, chunk * 4)
+            } else {
+                (4096, 4096)
+            };
+            if let Some(t) = transport {
+                worker.kv_transport = t;
+            }
+            let worker_args = worker.to_args();
             let cfg = FleetConfig {
                 mode,
                 prefill: 1,
                 decode: 1,
                 unified: 2,
-                backend: args.backend.clone(),
-                worker_args: worker_args.clone(),
+                worker,
                 log_dir: Some(args.out.join("logs").join(slug(&name))),
                 gpus: args.gpus,
                 ..FleetConfig::default()

@@ -1,35 +1,31 @@
 //! A fleet on one machine: prefill, decode or unified worker processes and a router, on
 //! loopback. Stopping it sends SIGTERM, so workers drain as they would in a pod.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// Prefill and decode workers, KV moved between them.
-    Disaggregated,
-    /// Unified workers doing both (the colocated baseline).
-    Colocated,
-}
+use pdfleet_api::worker_args::{self, RouterArgs, WorkerArgs};
+pub use pdfleet_api::PoolMode;
+use pdfleet_api::Role;
 
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
-    pub mode: Mode,
+    pub mode: PoolMode,
     pub prefill: usize,
     pub decode: usize,
     pub unified: usize,
-    /// Router port; 0 picks a free one.
+    /// Routers in front of the same workers, each on its own port.
+    pub routers: usize,
+    /// Every worker's configuration; the fleet sets each one's role, addresses, pod name and
+    /// GPU.
+    pub worker: WorkerArgs,
+    /// Every router's configuration; the fleet sets its address and workers.
+    pub router: RouterArgs,
+    /// The first router's port; 0 picks a free one.
     pub port: u16,
-    pub backend: String,
-    pub weights: Option<PathBuf>,
-    /// Extra flags for every worker (engine knobs such as `--chunk-size 64`).
-    pub worker_args: Vec<String>,
-    /// Extra flags for the router.
-    pub router_args: Vec<String>,
     /// Where the worker and router binaries are; default: beside the running executable.
     pub bin_dir: Option<PathBuf>,
     /// Worker and router logs go here (default: discarded).
@@ -41,20 +37,33 @@ pub struct FleetConfig {
 impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
-            mode: Mode::Disaggregated,
+            mode: PoolMode::Disaggregated,
             prefill: 1,
             decode: 1,
             unified: 2,
+            routers: 1,
+            worker: WorkerArgs::new(Role::Unified),
+            router: RouterArgs::new(),
             port: 0,
-            backend: "auto".into(),
-            weights: None,
-            worker_args: Vec::new(),
-            router_args: Vec::new(),
             bin_dir: None,
             log_dir: None,
             gpus: 0,
         }
     }
+}
+
+/// A worker configuration from worker flags (`--dim 128 --chunk-size 64 ...`), as
+/// `pdfleet-worker serve` would read them; the role is set per worker later.
+pub fn worker_from_flags<S: AsRef<str>>(flags: &[S]) -> anyhow::Result<WorkerArgs> {
+    let argv = ["serve", "--role", Role::Unified.as_str()]
+        .into_iter()
+        .chain(flags.iter().map(|f| f.as_ref()));
+    worker_args::parse_worker(argv).context("worker flags")
+}
+
+/// A router configuration from router flags, as `pdfleet-router` would read them.
+pub fn router_from_flags<S: AsRef<str>>(flags: &[S]) -> anyhow::Result<RouterArgs> {
+    worker_args::parse_router(flags.iter().map(|f| f.as_ref())).context("router flags")
 }
 
 pub struct Process {
@@ -68,7 +77,8 @@ pub struct Process {
 
 pub struct Fleet {
     pub workers: Vec<Process>,
-    pub router: Option<Process>,
+    pub routers: Vec<Process>,
+    /// The first router's base URL.
     pub url: String,
 }
 
@@ -128,92 +138,102 @@ impl Fleet {
         let dir = bin_dir(cfg)?;
         let worker_bin = find_bin(&dir, "pdfleet-worker")?;
         let router_bin = find_bin(&dir, "pdfleet-router")?;
-        let roles: Vec<&str> = match cfg.mode {
-            Mode::Disaggregated => std::iter::repeat_n("prefill", cfg.prefill)
-                .chain(std::iter::repeat_n("decode", cfg.decode))
+        let roles: Vec<Role> = match cfg.mode {
+            PoolMode::Disaggregated => std::iter::repeat_n(Role::Prefill, cfg.prefill)
+                .chain(std::iter::repeat_n(Role::Decode, cfg.decode))
                 .collect(),
-            Mode::Colocated => std::iter::repeat_n("unified", cfg.unified).collect(),
+            PoolMode::Colocated => std::iter::repeat_n(Role::Unified, cfg.unified).collect(),
         };
         let mut fleet = Fleet {
             workers: Vec::new(),
-            router: None,
+            routers: Vec::new(),
             url: String::new(),
         };
-        for (i, role) in roles.iter().enumerate() {
-            let (grpc, http) = (free_port()?, free_port()?);
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut router = cfg.router.clone();
+        for (i, &role) in roles.iter().enumerate() {
             let name = format!("{role}-{i}");
-            let mut cmd = Command::new(&worker_bin);
-            cmd.args(["serve", "--role", role, "--backend", &cfg.backend])
-                .args([
-                    "--grpc-addr",
-                    &format!("127.0.0.1:{grpc}"),
-                    "--http-addr",
-                    &format!("127.0.0.1:{http}"),
-                ])
-                .args(["--pod", &name, "--domain", "local"])
-                .args(&cfg.worker_args)
-                .stdout(output(cfg, &name)?)
-                .stderr(output(cfg, &name)?);
-            if let Some(w) = &cfg.weights {
-                cmd.arg("--weights").arg(w);
-            }
+            let mut w = cfg.worker.clone();
+            w.role = role;
+            w.grpc_addr = loopback(free_port()?);
+            w.http_addr = loopback(free_port()?);
+            w.pod = Some(name.clone());
+            w.domain = Some("local".into());
             if cfg.gpus > 0 {
                 // Every worker sees every GPU (a prefill worker writes into its decode worker's).
-                cmd.args(["--cuda-device", &(i % cfg.gpus).to_string()]);
+                w.cuda_device = i % cfg.gpus;
             }
-            let child = cmd
+            let child = Command::new(&worker_bin)
+                .args(w.to_args())
+                .stdout(output(cfg, &name)?)
+                .stderr(output(cfg, &name)?)
                 .spawn()
                 .with_context(|| format!("starting {}", worker_bin.display()))?;
+            let addr = format!("http://{}", w.grpc_addr);
+            router.add_worker(role, addr.clone());
             fleet.workers.push(Process {
                 name,
                 child,
-                addr: format!("http://127.0.0.1:{grpc}"),
-                http: Some(format!("http://127.0.0.1:{http}")),
+                addr,
+                http: Some(format!("http://{}", w.http_addr)),
             });
         }
-        let port = if cfg.port == 0 {
-            free_port()?
-        } else {
-            cfg.port
-        };
-        let mut cmd = Command::new(&router_bin);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--pod", "router"]);
-        for (w, role) in fleet.workers.iter().zip(&roles) {
-            cmd.arg(format!("--{role}")).arg(&w.addr);
+        for r in 0..cfg.routers.max(1) {
+            let port = match (r, cfg.port) {
+                (0, p) if p != 0 => p,
+                _ => free_port()?,
+            };
+            let name = if r == 0 {
+                "router".to_string()
+            } else {
+                format!("router-{r}")
+            };
+            router.listen = loopback(port);
+            router.pod = Some(name.clone());
+            let child = Command::new(&router_bin)
+                .args(router.to_args())
+                .stdout(output(cfg, &name)?)
+                .stderr(output(cfg, &name)?)
+                .spawn()
+                .with_context(|| format!("starting {}", router_bin.display()))?;
+            let url = format!("http://127.0.0.1:{port}");
+            fleet.routers.push(Process {
+                name,
+                child,
+                addr: url.clone(),
+                http: None,
+            });
         }
-        cmd.args(&cfg.router_args)
-            .stdout(output(cfg, "router")?)
-            .stderr(output(cfg, "router")?);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", router_bin.display()))?;
-        fleet.url = format!("http://127.0.0.1:{port}");
-        fleet.router = Some(Process {
-            name: "router".into(),
-            child,
-            addr: fleet.url.clone(),
-            http: None,
-        });
+        fleet.url = fleet.routers[0].addr.clone();
         Ok(fleet)
     }
 
-    /// Waits until the router answers a completion, i.e. it sees healthy workers.
+    /// Waits until every router answers a completion, i.e. it sees healthy workers.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + timeout;
+        let mut ready = vec![false; self.routers.len()];
         loop {
-            for p in self.workers.iter_mut().chain(self.router.as_mut()) {
+            for p in self.workers.iter_mut().chain(self.routers.iter_mut()) {
                 if let Some(status) = p.child.try_wait()? {
                     bail!("{} exited during start-up ({status})", p.name);
                 }
             }
-            let probe = client
-                .post(format!("{}/v1/completions", self.url))
-                .json(&serde_json::json!({"prompt": [1, 2, 3], "max_tokens": 1}))
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await;
-            if matches!(&probe, Ok(r) if r.status().is_success()) {
+            for (r, ok) in self
+                .routers
+                .iter()
+                .zip(ready.iter_mut())
+                .filter(|(_, ok)| !**ok)
+            {
+                let probe = client
+                    .post(format!("{}/v1/completions", r.addr))
+                    .json(&serde_json::json!({"prompt": [1, 2, 3], "max_tokens": 1}))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                *ok = matches!(&probe, Ok(resp) if resp.status().is_success());
+            }
+            if ready.iter().all(|&ok| ok) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -225,14 +245,11 @@ impl Fleet {
 
     /// SIGTERM to everything, then waits (bounded) for the processes to exit.
     pub fn stop(&mut self) {
-        if let Some(r) = &self.router {
-            terminate(&r.child);
-        }
-        for w in &self.workers {
-            terminate(&w.child);
+        for p in self.routers.iter().chain(&self.workers) {
+            terminate(&p.child);
         }
         let deadline = Instant::now() + Duration::from_secs(40);
-        for p in self.workers.iter_mut().chain(self.router.as_mut()) {
+        for p in self.workers.iter_mut().chain(self.routers.iter_mut()) {
             while Instant::now() < deadline {
                 if matches!(p.child.try_wait(), Ok(Some(_))) {
                     break;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pdfleet::fleet::{Fleet, FleetConfig, Mode};
+use pdfleet::fleet::{worker_from_flags, Fleet, FleetConfig, PoolMode};
 use pdfleet::load::{self, LenDist, LoadConfig};
+use pdfleet_api::BackendKind;
 
 #[derive(Debug, Parser)]
 #[command(name = "pdfleet", version, about)]
@@ -18,8 +19,8 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct LocalArgs {
     /// disaggregated (prefill + decode workers) or colocated (unified workers)
-    #[arg(long, value_enum, default_value = "disaggregated")]
-    mode: Mode,
+    #[arg(long, value_enum, default_value_t = PoolMode::Disaggregated)]
+    mode: PoolMode,
     #[arg(long, default_value_t = 1)]
     prefill: usize,
     #[arg(long, default_value_t = 1)]
@@ -29,9 +30,9 @@ struct LocalArgs {
     /// The router's port
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// cpu, cuda or auto (CUDA when a GPU is present)
-    #[arg(long, default_value = "auto")]
-    backend: String,
+    /// Where workers run the model (auto: CUDA when a GPU is present)
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    backend: BackendKind,
     /// safetensors weights (default: the primer's seed-7 model, embedded)
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -59,19 +60,20 @@ enum Command {
 }
 
 async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    let mut worker = worker_from_flags(&args.worker_args)?;
+    worker.backend = args.backend;
+    if args.weights.is_some() {
+        worker.model.weights = args.weights;
+    }
     let cfg = FleetConfig {
         mode: args.mode,
         prefill: args.prefill,
         decode: args.decode,
         unified: args.unified,
         port: args.port,
-        backend: args.backend,
-        weights: args.weights,
-        worker_args: args.worker_args,
-        router_args: Vec::new(),
-        bin_dir: None,
+        worker,
         log_dir: args.log_dir,
-        gpus: 0,
+        ..FleetConfig::default()
     };
     let mut fleet = Fleet::start(&cfg)?;
     eprintln!(

@@ -1,5 +1,6 @@
-//! Finds a pool's workers in Kubernetes: the EndpointSlices of its per-role headless Services
-//! (`<pool>-prefill`, `<pool>-decode`, `<pool>-unified`), ready endpoints only.
+//! Finds a pool's workers in Kubernetes: the EndpointSlices of its per-role headless Services,
+//! selected by the pool label and read by the role label (which EndpointSlices inherit from
+//! their Service), ready endpoints only. Object names are never parsed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,28 +9,28 @@ use futures_util::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
-use pdfleet_worker::serve::Role;
+use pdfleet_api::{labels, Role};
 
-use crate::pool::Pool;
+use crate::pool::{Pool, WorkerAddr};
 
 /// Worker addresses in one slice, with their role and their topology domain under `key`.
-fn slice_workers(slice: &EndpointSlice, pool: &str, key: &str) -> Vec<(String, Role, String)> {
-    let service = slice
-        .labels()
-        .get("kubernetes.io/service-name")
-        .cloned()
-        .unwrap_or_default();
-    let role = match service.strip_prefix(pool).and_then(|s| s.strip_prefix('-')) {
-        Some("prefill") => Role::Prefill,
-        Some("decode") => Role::Decode,
-        Some("unified") => Role::Unified,
-        _ => return Vec::new(),
+fn slice_workers(slice: &EndpointSlice, pool: &str, key: Option<&str>) -> Vec<WorkerAddr> {
+    let slice_labels = slice.labels();
+    if slice_labels.get(labels::POOL).map(String::as_str) != Some(pool) {
+        return Vec::new();
+    }
+    let Some(role) = slice_labels
+        .get(labels::ROLE)
+        .and_then(|r| r.parse::<Role>().ok())
+    else {
+        // The router's own Service, or something that is not a worker.
+        return Vec::new();
     };
     let Some(port) = slice
         .ports
         .iter()
         .flatten()
-        .find(|p| p.name.as_deref() == Some("grpc"))
+        .find(|p| p.name.as_deref() == Some(labels::GRPC_PORT_NAME))
         .and_then(|p| p.port)
     else {
         return Vec::new();
@@ -40,8 +41,8 @@ fn slice_workers(slice: &EndpointSlice, pool: &str, key: &str) -> Vec<(String, R
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .flat_map(|e| {
             let domain = match key {
-                "kubernetes.io/hostname" => e.node_name.clone(),
-                "topology.kubernetes.io/zone" => e.zone.clone(),
+                Some("kubernetes.io/hostname") => e.node_name.clone(),
+                Some("topology.kubernetes.io/zone") => e.zone.clone(),
                 _ => None,
             }
             .unwrap_or_default();
@@ -51,7 +52,11 @@ fn slice_workers(slice: &EndpointSlice, pool: &str, key: &str) -> Vec<(String, R
                 } else {
                     ip.clone()
                 };
-                (format!("http://{host}:{port}"), role, domain.clone())
+                WorkerAddr {
+                    addr: format!("http://{host}:{port}"),
+                    role,
+                    domain: domain.clone(),
+                }
             })
         })
         .collect()
@@ -62,15 +67,11 @@ pub async fn watch(
     client: Client,
     namespace: String,
     pool_name: String,
-    key: String,
+    key: Option<String>,
     pool: Arc<Pool>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
-    let services = ["prefill", "decode", "unified"]
-        .map(|r| format!("{pool_name}-{r}"))
-        .join(",");
-    let config =
-        watcher::Config::default().labels(&format!("kubernetes.io/service-name in ({services})"));
+    let config = watcher::Config::default().labels(&format!("{}={pool_name}", labels::POOL));
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut stream = watcher::watcher(api, config).boxed();
     let mut pending: BTreeMap<String, EndpointSlice> = BTreeMap::new();
@@ -92,9 +93,9 @@ pub async fn watch(
                 continue;
             }
         }
-        let workers: Vec<(String, Role, String)> = slices
+        let workers: Vec<WorkerAddr> = slices
             .values()
-            .flat_map(|s| slice_workers(s, &pool_name, &key))
+            .flat_map(|s| slice_workers(s, &pool_name, key.as_deref()))
             .collect();
         tracing::info!(workers = workers.len(), "worker set changed");
         if let Err(e) = pool.set_workers(&workers) {
@@ -109,8 +110,9 @@ mod tests {
     use super::*;
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
-    fn slice(service: &str, ready: &[(&str, bool)]) -> EndpointSlice {
-        // Endpoints on node-1 in zone-a.
+    /// A slice of `pool`'s Service for `role` (none: the router's), endpoints on node-1 in
+    /// zone-a.
+    fn slice(pool: &str, role: Option<&str>, ready: &[(&str, bool)]) -> EndpointSlice {
         let mut s = EndpointSlice {
             address_type: "IPv4".into(),
             endpoints: ready
@@ -140,43 +142,56 @@ mod tests {
             ]),
             ..Default::default()
         };
-        s.metadata.labels = Some(
-            [(
-                "kubernetes.io/service-name".to_string(),
-                service.to_string(),
-            )]
-            .into(),
+        let mut l = BTreeMap::from([
+            (labels::POOL.to_string(), pool.to_string()),
+            // Any Service name: names are never parsed.
+            (labels::SERVICE_NAME.to_string(), "x-3f9a1c".to_string()),
+        ]);
+        l.insert(
+            labels::ROLE.to_string(),
+            role.unwrap_or(labels::ROUTER).to_string(),
         );
+        s.metadata.labels = Some(l);
         s
     }
 
     #[test]
-    fn ready_endpoints_become_workers_of_the_services_role() {
-        let s = slice("chat-decode", &[("10.0.0.5", true), ("10.0.0.6", false)]);
-        let w = slice_workers(&s, "chat", "topology.kubernetes.io/zone");
+    fn ready_endpoints_become_workers_of_the_slices_role() {
+        let s = slice(
+            "llama-3.1",
+            Some("decode"),
+            &[("10.0.0.5", true), ("10.0.0.6", false)],
+        );
+        let w = slice_workers(&s, "llama-3.1", Some("topology.kubernetes.io/zone"));
         assert_eq!(
             w,
-            vec![(
-                "http://10.0.0.5:50051".to_string(),
-                Role::Decode,
-                "zone-a".to_string()
-            )]
+            vec![WorkerAddr {
+                addr: "http://10.0.0.5:50051".to_string(),
+                role: Role::Decode,
+                domain: "zone-a".to_string()
+            }]
         );
         assert_eq!(
-            slice_workers(&s, "chat", "kubernetes.io/hostname")[0].2,
+            slice_workers(&s, "llama-3.1", Some("kubernetes.io/hostname"))[0].domain,
             "node-1"
         );
         assert_eq!(
-            slice_workers(&s, "chat", "example.com/rack")[0].2,
+            slice_workers(&s, "llama-3.1", Some("example.com/rack"))[0].domain,
             "",
             "other keys: the worker says"
         );
         assert!(
-            slice_workers(&slice("chat", &[("10.0.0.7", true)]), "chat", "").is_empty(),
+            slice_workers(&slice("chat", None, &[("10.0.0.7", true)]), "chat", None).is_empty(),
             "the router's own Service is not a worker"
         );
         assert!(
-            slice_workers(&slice("other-prefill", &[("10.0.0.8", true)]), "chat", "").is_empty()
+            slice_workers(
+                &slice("other", Some("prefill"), &[("10.0.0.8", true)]),
+                "chat",
+                None
+            )
+            .is_empty(),
+            "another pool's slice"
         );
     }
 }

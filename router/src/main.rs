@@ -9,55 +9,19 @@ mod pool;
 mod server;
 mod tokenizer;
 
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use clap::Parser;
-use pdfleet_worker::serve::Role;
+use pdfleet_api::worker_args::RouterArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "pdfleet-router", version, about)]
-struct Args {
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    listen: SocketAddr,
-    /// Prefill worker gRPC address (repeatable), e.g. http://127.0.0.1:50051.
-    #[arg(long = "prefill")]
-    prefill: Vec<String>,
-    /// Decode worker gRPC address (repeatable).
-    #[arg(long = "decode")]
-    decode: Vec<String>,
-    /// Unified worker gRPC address (repeatable).
-    #[arg(long = "unified")]
-    unified: Vec<String>,
-    /// Find the workers of this InferencePool through its EndpointSlices (in-cluster).
-    #[arg(long)]
-    discover_pool: Option<String>,
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    discover_namespace: String,
-    /// The pool's topology key: discovered workers on kubernetes.io/hostname are placed by
-    /// node, on topology.kubernetes.io/zone by zone (other keys rely on the workers' --domain).
-    #[arg(long, default_value = "")]
-    topology_key: String,
-    /// Model name clients must ask for (or omit).
-    #[arg(long, default_value = "toy")]
-    model_name: String,
-    #[arg(long, default_value_t = 100)]
-    vocab_size: usize,
-    #[arg(long, default_value_t = 2048)]
-    max_seq_len: usize,
-    /// Requests in flight per worker before the router answers 429.
-    #[arg(long, default_value_t = 256)]
-    max_inflight_per_worker: usize,
-    #[arg(long, default_value_t = 3)]
-    max_retries: usize,
-    #[arg(long, env = "PDFLEET_POOL", default_value = "local")]
-    pool: String,
-    #[arg(long, env = "POD_NAME", default_value = "router")]
-    pod: String,
+struct Cli {
+    #[command(flatten)]
+    args: RouterArgs,
 }
 
 #[tokio::main]
@@ -68,21 +32,24 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = Cli::parse().args;
     let pool = Arc::new(pool::Pool::new(args.max_inflight_per_worker));
-    let mut workers = Vec::new();
-    for (list, role) in [
-        (&args.prefill, Role::Prefill),
-        (&args.decode, Role::Decode),
-        (&args.unified, Role::Unified),
-    ] {
-        workers.extend(list.iter().map(|a| (a.clone(), role, String::new())));
-    }
+    let workers: Vec<pool::WorkerAddr> = args
+        .static_workers()
+        .into_iter()
+        .map(|(addr, role)| pool::WorkerAddr {
+            addr,
+            role,
+            domain: String::new(),
+        })
+        .collect();
     if let Some(name) = &args.discover_pool {
         let client = kube::Client::try_default().await?;
         tokio::spawn(discovery::watch(
             client,
-            args.discover_namespace.clone(),
+            args.discover_namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name.clone(),
             args.topology_key.clone(),
             pool.clone(),
@@ -96,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::spawn(pool.clone().poll_forever(Duration::from_millis(500)));
 
-    let metrics = metrics::RouterMetrics::new(&args.pool, &args.pod);
+    let pod = args.pod.clone().unwrap_or_else(|| "router".into());
+    let metrics = metrics::RouterMetrics::new(&args.pool, &pod);
     let app = Arc::new(server::App {
         pool,
         limits: api::ModelLimits {
@@ -105,7 +73,6 @@ async fn main() -> anyhow::Result<()> {
             max_seq_len: args.max_seq_len,
         },
         metrics: metrics.clone(),
-        next_id: AtomicU64::new(1),
         max_retries: args.max_retries,
     });
     let routes = axum::Router::new()

@@ -1,6 +1,8 @@
 //! The router's Prometheus metrics: latencies as users feel them, labelled with pool and pod.
+//! Names are the contract crate's ([`pdfleet_api::metrics::router`]).
 
-use pdfleet_worker::serve::metrics::latency_buckets;
+use pdfleet_api::labels;
+use pdfleet_api::metrics::{self, latency_buckets, router as names};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
@@ -17,12 +19,7 @@ pub struct RouterMetrics {
 
 impl RouterMetrics {
     pub fn new(pool: &str, pod: &str) -> Self {
-        let labels = [("pool", pool), ("role", "router"), ("pod", pod)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let registry = Registry::new_custom(Some("pdfleet_router".into()), Some(labels))
-            .expect("valid registry");
+        let registry = metrics::registry(pool, labels::ROUTER, pod);
         let hist = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
                 .expect("valid histogram");
@@ -39,31 +36,22 @@ impl RouterMetrics {
             c
         };
         let inflight =
-            IntGauge::new("inflight_requests", "Requests being served").expect("valid gauge");
+            IntGauge::new(names::INFLIGHT, "Requests being served").expect("valid gauge");
         registry
             .register(Box::new(inflight.clone()))
             .expect("unique metric");
         RouterMetrics {
-            ttft: hist(
-                "time_to_first_token_seconds",
-                "From the request's arrival to its first token",
-            ),
-            itl: hist(
-                "inter_token_latency_seconds",
-                "Between successive tokens sent to the client",
-            ),
-            e2e: hist(
-                "e2e_request_latency_seconds",
-                "From the request's arrival to its last token",
-            ),
+            ttft: hist(names::TTFT, "From the request's arrival to its first token"),
+            itl: hist(names::ITL, "Between successive tokens sent to the client"),
+            e2e: hist(names::E2E, "From the request's arrival to its last token"),
             kv_transfer_seconds: hist(
-                "kv_transfer_seconds",
+                names::KV_TRANSFER_SECONDS,
                 "Prefill to decode KV transfer, as the prefill worker reports it",
             ),
-            requests: counter_vec("requests_total", "Requests by outcome", "outcome"),
+            requests: counter_vec(names::REQUESTS, "Requests by outcome", "outcome"),
             retries: counter_vec(
-                "retries_total",
-                "Requests sent again to another worker, by role",
+                names::RETRIES,
+                "Requests sent again to another worker, by the role replaced",
                 "role",
             ),
             inflight,
@@ -72,6 +60,6 @@ impl RouterMetrics {
     }
 
     pub fn encode(&self) -> String {
-        pdfleet_worker::serve::metrics::encode(&self.registry)
+        metrics::encode(&self.registry)
     }
 }

@@ -7,10 +7,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use pdfleet_worker::serve::proto::worker_client::WorkerClient;
-use pdfleet_worker::serve::proto::{StatusRequest, WorkerStatus};
-use pdfleet_worker::serve::Role;
+use pdfleet_api::proto::worker_client::WorkerClient;
+use pdfleet_api::proto::{StatusRequest, WorkerStatus};
+use pdfleet_api::Role;
 use tonic::transport::Channel;
+
+/// A worker as discovery (or the command line) names it: its gRPC address, role and the
+/// topology domain it was placed in ("" when unknown).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerAddr {
+    pub addr: String,
+    pub role: Role,
+    pub domain: String,
+}
 
 /// Prefix hashes a worker was recently sent, oldest dropped first.
 struct RecentPrefixes {
@@ -59,7 +68,8 @@ impl WorkerEntry {
             addr: addr.to_string(),
             role,
             placed_domain: placed_domain.to_string(),
-            client: WorkerClient::new(channel).max_decoding_message_size(64 << 20),
+            client: WorkerClient::new(channel)
+                .max_decoding_message_size(pdfleet_api::MAX_MESSAGE_BYTES),
             status: Mutex::new(None),
             healthy: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
@@ -153,18 +163,16 @@ impl Pool {
     }
 
     /// Replaces the worker list, keeping the state of workers that stay.
-    /// Replaces the worker list (address, role, domain discovery placed it in), keeping the
-    /// state of workers that stay.
-    pub fn set_workers(&self, list: &[(String, Role, String)]) -> anyhow::Result<()> {
+    pub fn set_workers(&self, list: &[WorkerAddr]) -> anyhow::Result<()> {
         let mut workers = self.workers.write().expect("lock");
         let mut next = Vec::new();
-        for (addr, role, domain) in list {
+        for w in list {
             match workers
                 .iter()
-                .find(|w| &w.addr == addr && w.role == *role && &w.placed_domain == domain)
+                .find(|e| e.addr == w.addr && e.role == w.role && e.placed_domain == w.domain)
             {
-                Some(w) => next.push(w.clone()),
-                None => next.push(Arc::new(WorkerEntry::new(addr, *role, domain)?)),
+                Some(e) => next.push(e.clone()),
+                None => next.push(Arc::new(WorkerEntry::new(&w.addr, w.role, &w.domain)?)),
             }
         }
         *workers = next;
@@ -207,7 +215,15 @@ impl Pool {
             match result {
                 Ok(Ok(resp)) => {
                     let s = resp.into_inner();
-                    w.healthy.store(s.ready, Ordering::Relaxed);
+                    // An address reused by another role's worker is not this worker.
+                    let reported = pdfleet_api::proto::Role::try_from(s.role)
+                        .ok()
+                        .and_then(Role::from_proto);
+                    let same = reported == Some(w.role);
+                    if !same {
+                        tracing::warn!(addr = %w.addr, expected = %w.role, ?reported, "a worker answers with another role");
+                    }
+                    w.healthy.store(s.ready && same, Ordering::Relaxed);
                     *w.status.lock().expect("lock") = Some(s);
                 }
                 _ => w.healthy.store(false, Ordering::Relaxed),
@@ -298,7 +314,11 @@ mod tests {
         let p = Pool::new(2);
         let list: Vec<_> = list
             .iter()
-            .map(|(a, r)| (a.to_string(), *r, String::new()))
+            .map(|(a, r)| WorkerAddr {
+                addr: a.to_string(),
+                role: *r,
+                domain: String::new(),
+            })
             .collect();
         p.set_workers(&list).unwrap();
         p

@@ -2,7 +2,6 @@
 //! unified), and answers as JSON or server-sent events.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,13 +11,18 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use pdfleet_worker::kv_cache::prefix_hashes;
-use pdfleet_worker::serve::proto::{
-    AttachRequest, GenerateRequest, PrefillRequest, SamplingParams, TokenBatch,
+use pdfleet_api::failure;
+use pdfleet_api::prefix::prefix_hashes;
+use pdfleet_api::proto::worker_client::WorkerClient;
+use pdfleet_api::proto::{
+    self, AttachRequest, CancelKvRequest, GenerateRequest, Party, PrefillRequest, SamplingParams,
+    TokenBatch,
 };
-use pdfleet_worker::serve::Role;
+use pdfleet_api::{FinishReason, RequestId, Role};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
@@ -30,7 +34,6 @@ pub struct App {
     pub pool: Arc<Pool>,
     pub limits: ModelLimits,
     pub metrics: RouterMetrics,
-    pub next_id: AtomicU64,
     /// Other workers to try after one fails before any token.
     pub max_retries: usize,
 }
@@ -38,11 +41,50 @@ pub struct App {
 /// What the generation task tells the response.
 enum GenEvent {
     Token(u32),
-    Finish(String),
+    Finish(FinishReason),
     /// Before any token: the request failed as a whole (HTTP error).
     Refused(ApiError),
     /// After tokens went out: the stream ends with an error event.
     Broken(String),
+}
+
+/// The generation task of one request, aborted when the response that reads it is dropped (the
+/// client went away): its in-flight calls to the workers are dropped with it, which the workers
+/// see and free what the request held.
+struct Generation(JoinHandle<()>);
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Until disarmed, tells the decode worker to drop what it holds for the request when dropped:
+/// from before the prefill worker starts moving KV there until the Attach stream (whose own
+/// end cancels) is open. Covers a client that leaves between the prefill and the attach.
+struct DecodeClaim {
+    client: WorkerClient<Channel>,
+    id: RequestId,
+    armed: bool,
+}
+
+impl Drop for DecodeClaim {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (mut client, id) = (self.client.clone(), self.id);
+        tokio::spawn(async move {
+            // Not the writer: blocks a prefill worker may still be writing stay quarantined there
+            // until its own cancel or its lease ends.
+            let _ = client
+                .cancel_kv(CancelKvRequest {
+                    id: Some(id.to_proto()),
+                    writer_done: false,
+                })
+                .await;
+        });
+    }
 }
 
 fn pick_error(e: PickError) -> ApiError {
@@ -72,7 +114,9 @@ fn refusal(status: &Status) -> ApiError {
     }
 }
 
-/// Whether another worker of the same role may do better.
+/// Whether another worker of the same role may do better. A decode worker that has nothing for
+/// the request (NotFound) or already something (AlreadyExists), or restarted (Aborted), is a
+/// reason to pair with another decode worker, not to fail.
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -82,7 +126,10 @@ fn retryable(status: &Status) -> bool {
             | Code::Internal
             | Code::Cancelled
             | Code::FailedPrecondition
-    )
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    ) || (failure::party(status) == Party::Decode
+        && matches!(status.code(), Code::NotFound | Code::AlreadyExists))
 }
 
 fn sampling(req: &CompletionRequest) -> SamplingParams {
@@ -94,17 +141,23 @@ fn sampling(req: &CompletionRequest) -> SamplingParams {
     }
 }
 
+fn finish_of(batch: &TokenBatch) -> Option<FinishReason> {
+    proto::FinishReason::try_from(batch.finish_reason)
+        .ok()
+        .and_then(FinishReason::from_proto)
+}
+
 async fn forward_tokens(mut stream: tonic::Streaming<TokenBatch>, tx: &mpsc::Sender<GenEvent>) {
     loop {
         match stream.message().await {
             Ok(Some(batch)) => {
-                for t in batch.tokens {
+                for &t in &batch.tokens {
                     if tx.send(GenEvent::Token(t)).await.is_err() {
                         return; // client gone: dropping the stream cancels the work upstream
                     }
                 }
-                if !batch.finish_reason.is_empty() {
-                    let _ = tx.send(GenEvent::Finish(batch.finish_reason)).await;
+                if let Some(reason) = finish_of(&batch) {
+                    let _ = tx.send(GenEvent::Finish(reason)).await;
                     return;
                 }
             }
@@ -132,7 +185,7 @@ async fn forward_tokens(mut stream: tonic::Streaming<TokenBatch>, tx: &mpsc::Sen
 async fn run_unified(
     app: Arc<App>,
     req: CompletionRequest,
-    request_id: String,
+    mut id: RequestId,
     tx: mpsc::Sender<GenEvent>,
 ) {
     let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
@@ -149,7 +202,7 @@ async fn run_unified(
         };
         let _inflight = worker.start();
         let call = GenerateRequest {
-            request_id: request_id.clone(),
+            id: Some(id.to_proto()),
             prompt: req.prompt.clone(),
             params: Some(sampling(&req)),
         };
@@ -159,9 +212,13 @@ async fn run_unified(
                 if status.code() == Code::Unavailable {
                     worker.mark_unhealthy();
                 }
-                app.metrics.retries.with_label_values(&["unified"]).inc();
+                app.metrics
+                    .retries
+                    .with_label_values(&[Role::Unified.as_str()])
+                    .inc();
                 tried.push(worker.addr.clone());
                 last_refusal = Some(status);
+                id = id.next_attempt();
             }
             Err(status) => {
                 let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
@@ -174,14 +231,14 @@ async fn run_unified(
 async fn run_disaggregated(
     app: Arc<App>,
     req: CompletionRequest,
-    request_id: String,
+    mut id: RequestId,
     tx: mpsc::Sender<GenEvent>,
 ) {
     let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
     let mut tried_prefill = Vec::new();
     let mut tried_decode = Vec::new();
     let mut last_refusal = None;
-    let (decode, _decode_inflight, first) = loop {
+    let (decode, mut claim, _decode_inflight, first) = loop {
         let prefill = match app
             .pool
             .pick_by_prefix(Role::Prefill, &hashes, &tried_prefill)
@@ -202,31 +259,43 @@ async fn run_disaggregated(
             }
         };
         let (_p, d): (InflightGuard, InflightGuard) = (prefill.start(), decode.start());
+        let claim = DecodeClaim {
+            client: decode.client.clone(),
+            id,
+            armed: true,
+        };
         let call = PrefillRequest {
-            request_id: request_id.clone(),
+            id: Some(id.to_proto()),
             prompt: req.prompt.clone(),
             params: Some(sampling(&req)),
             decode_addr: decode.addr.clone(),
         };
         match prefill.client.clone().prefill(call).await {
-            Ok(resp) => break (decode, d, resp.into_inner()),
+            Ok(resp) => break (decode, claim, d, resp.into_inner()),
             Err(status)
                 if retryable(&status)
                     && tried_prefill.len() + tried_decode.len() < app.max_retries =>
             {
-                // The prefill worker names the decode worker in errors that are the decode
-                // worker's (no room, unreachable): then only the decode worker is replaced.
-                if status.message().starts_with("decode ") {
-                    app.metrics.retries.with_label_values(&["decode"]).inc();
+                // The prefill worker marks the errors that are the decode worker's (no room,
+                // unreachable, restarted): then only the decode worker is replaced.
+                if failure::party(&status) == Party::Decode {
+                    app.metrics
+                        .retries
+                        .with_label_values(&[Role::Decode.as_str()])
+                        .inc();
                     tried_decode.push(decode.addr.clone());
                 } else {
                     if status.code() == Code::Unavailable {
                         prefill.mark_unhealthy();
                     }
-                    app.metrics.retries.with_label_values(&["prefill"]).inc();
+                    app.metrics
+                        .retries
+                        .with_label_values(&[Role::Prefill.as_str()])
+                        .inc();
                     tried_prefill.push(prefill.addr.clone());
                 }
                 last_refusal = Some(status);
+                id = id.next_attempt();
             }
             Err(status) => {
                 let _ = tx.send(GenEvent::Refused(refusal(&status))).await;
@@ -242,17 +311,26 @@ async fn run_disaggregated(
     if tx.send(GenEvent::Token(first.first_token)).await.is_err() {
         return;
     }
-    if !first.finish_reason.is_empty() {
-        let _ = tx.send(GenEvent::Finish(first.finish_reason)).await;
+    let finished = proto::FinishReason::try_from(first.finish_reason)
+        .ok()
+        .and_then(FinishReason::from_proto);
+    if let Some(reason) = finished {
+        let _ = tx.send(GenEvent::Finish(reason)).await;
         return;
     }
     match decode
         .client
         .clone()
-        .attach(AttachRequest { request_id })
+        .attach(AttachRequest {
+            id: Some(id.to_proto()),
+        })
         .await
     {
-        Ok(resp) => forward_tokens(resp.into_inner(), &tx).await,
+        Ok(resp) => {
+            // The stream owns the sequence now: dropping it cancels on the decode worker.
+            claim.armed = false;
+            forward_tokens(resp.into_inner(), &tx).await
+        }
         Err(status) => {
             let _ = tx
                 .send(GenEvent::Broken(format!(
@@ -315,17 +393,18 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     app.metrics.inflight.inc();
     let inflight = InflightMetric(app.metrics.clone());
-    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let request_id = format!("cmpl-{:x}-{n}", now_unix());
+    let id = RequestId::random();
+    let request_id = id.completion_id();
     let (tx, mut rx) = mpsc::channel(64);
-    let task = {
-        let (app, req, id) = (app.clone(), req.clone(), request_id.clone());
-        match app.pool.mode() {
+    // Whoever reads the response owns the generation: this handler, then the SSE stream.
+    let generation = {
+        let app = app.clone();
+        let req = req.clone();
+        Generation(match app.pool.mode() {
             Mode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx)),
             Mode::Unified => tokio::spawn(run_unified(app, req, id, tx)),
-        }
+        })
     };
-    drop(task);
     let mut timing = Timing {
         start,
         last: None,
@@ -376,7 +455,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
             return ApiError::upstream("generation ended without a finish reason").into_response();
         };
         timing.finish("ok");
-        drop(inflight);
+        drop((inflight, generation));
         return Json(json!({
             "id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": tokenizer::decode(&tokens), "token_ids": tokens, "finish_reason": finish}],
@@ -384,11 +463,11 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
         }))
         .into_response();
     }
-    let chunk = move |tokens: Vec<u32>, finish: Option<String>| {
+    let chunk = move |tokens: Vec<u32>, finish: Option<FinishReason>| {
         json!({"id": request_id, "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": tokenizer::decode(&tokens), "token_ids": tokens, "finish_reason": finish}]})
     };
-    let events = async_stream(first, rx, timing, inflight, chunk);
+    let events = async_stream(first, rx, generation, timing, inflight, chunk);
     Sse::new(events).into_response()
 }
 
@@ -397,13 +476,15 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
 fn async_stream(
     first: GenEvent,
     rx: mpsc::Receiver<GenEvent>,
+    generation: Generation,
     timing: Timing,
     inflight: InflightMetric,
-    chunk: impl Fn(Vec<u32>, Option<String>) -> serde_json::Value + Send + 'static,
+    chunk: impl Fn(Vec<u32>, Option<FinishReason>) -> serde_json::Value + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Event, Infallible>> + Send {
     struct St<F> {
         pending: Option<GenEvent>,
         rx: mpsc::Receiver<GenEvent>,
+        _generation: Generation,
         timing: Timing,
         done: bool,
         /// The finish event went out; `[DONE]` follows.
@@ -414,6 +495,7 @@ fn async_stream(
     let st = St {
         pending: Some(first),
         rx,
+        _generation: generation,
         timing,
         done: false,
         finished: false,

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::backend::{self, Backend, StaticBatch};
+use crate::backend::{self, Backend, BackendKind, StaticBatch};
 use crate::config::ModelConfig;
 use crate::kv_cache::BlockManager;
 use crate::weights::Weights;
@@ -12,7 +12,7 @@ use crate::EngineError;
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
-    pub backend: String,
+    pub backend: BackendKind,
     pub model: ModelConfig,
     pub block_size: usize,
     /// Divides the primer's batch sizes (10,000 and 50,000), for small machines.
@@ -39,12 +39,9 @@ pub struct BenchRow {
 }
 
 fn prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_add(1);
+    let mut rng = pdfleet_api::rng::SplitMix64::new(seed.wrapping_add(1));
     (0..batch * len)
-        .map(|_| {
-            x = backend::mix64(x.wrapping_add(0x9E37_79B9_7F4A_7C15));
-            (x % vocab as u64) as u32
-        })
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
         .collect()
 }
 
@@ -108,12 +105,7 @@ impl Bench {
     /// A backend sized for a static batch, with the batch's block tables and blocks per sequence.
     fn backend(&mut self, batch: usize, tokens: usize) -> Result<StaticSetup, EngineError> {
         let (t, per_seq, blocks) = tables(batch, tokens, self.cfg.block_size);
-        let b = backend::open(
-            &self.cfg.backend,
-            &self.weights,
-            self.cfg.block_size,
-            blocks,
-        )?;
+        let b = backend::open(self.cfg.backend, &self.weights, self.cfg.block_size, blocks)?;
         Ok((b, t, per_seq))
     }
 

@@ -1,54 +1,13 @@
 //! Model configuration: the primer's toy attention model, generalised to heads, KV heads and layers.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
 use crate::EngineError;
 
+use pdfleet_api::worker_args::ModelArgs;
 /// Element type of the KV cache. Weights and activations stay f32; only the cache (the bytes that
 /// decode streams and that move between workers) is narrowed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDtype {
-    #[default]
-    F32,
-    F16,
-    Bf16,
-}
-
-impl KvDtype {
-    pub fn bytes(self) -> usize {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-        }
-    }
-}
-
-impl fmt::Display for KvDtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            KvDtype::F32 => "f32",
-            KvDtype::F16 => "f16",
-            KvDtype::Bf16 => "bf16",
-        })
-    }
-}
-
-impl FromStr for KvDtype {
-    type Err = EngineError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(KvDtype::F32),
-            "f16" => Ok(KvDtype::F16),
-            "bf16" => Ok(KvDtype::Bf16),
-            other => Err(EngineError::InvalidConfig(format!(
-                "unknown KV dtype {other:?}: expected f32, f16 or bf16"
-            ))),
-        }
-    }
-}
+pub use pdfleet_api::KvDtype;
 
 /// With the defaults this is exactly the primer's `ToyLLMWithCaching`: vocabulary 100, width 32,
 /// one head, one layer, 2048 positions, no residual or norm.
@@ -80,6 +39,20 @@ impl Default for ModelConfig {
 
 /// The CUDA kernels keep a head's vector in registers; this bounds it.
 pub const MAX_HEAD_DIM: usize = 256;
+
+impl From<&ModelArgs> for ModelConfig {
+    fn from(a: &ModelArgs) -> Self {
+        ModelConfig {
+            vocab_size: a.vocab_size,
+            dim: a.dim,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            n_layers: a.n_layers,
+            max_seq_len: a.max_seq_len,
+            kv_dtype: a.kv_dtype,
+        }
+    }
+}
 
 impl ModelConfig {
     pub fn head_dim(&self) -> usize {

@@ -1,11 +1,14 @@
 //! The engine: sequences, the iteration-level scheduler (continuous batching with chunked
 //! prefill, prefix reuse and preemption by recompute) and the step loop over a backend.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
+use pdfleet_api::prefix::{block_hash, prefix_hashes};
+pub use pdfleet_api::FinishReason;
+
 use crate::backend::{Backend, ForwardBatch, Sample, SharedKvCache};
-use crate::kv_cache::{block_hash, prefix_hashes, BlockId, BlockManager, PrefixStats};
+use crate::kv_cache::{BlockId, BlockManager, PrefixStats};
 use crate::EngineError;
 
 #[derive(Clone, Debug)]
@@ -48,28 +51,6 @@ impl Default for SamplingParams {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// `max_tokens` generated (or the model's context is full).
-    Length,
-    /// The stop token was generated.
-    Stop,
-    Aborted,
-    /// The first token is out and the sequence's KV stays held for export to a decode worker.
-    Held,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::Stop => "stop",
-            FinishReason::Aborted => "aborted",
-            FinishReason::Held => "held",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenEvent {
     pub id: u64,
@@ -79,16 +60,20 @@ pub struct TokenEvent {
     pub logits: Option<Vec<f32>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct StepOutput {
     pub tokens: Vec<TokenEvent>,
     pub finished: Vec<(u64, FinishReason)>,
+    /// Sequences submitted with `hold` whose first token is out: their KV now waits, owned by
+    /// the caller, for a decode worker.
+    pub held: Vec<HeldSeq>,
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
     pub preempted: usize,
     pub seconds: f64,
 }
 
+#[derive(Debug)]
 struct Sequence {
     id: u64,
     tokens: Vec<u32>,
@@ -109,6 +94,58 @@ impl Sequence {
     }
 }
 
+/// A prefilled sequence whose KV waits for a decode worker (prefill role). It owns its blocks:
+/// only [`Engine::release`] frees them, so whoever holds one is accountable for them.
+#[derive(Debug)]
+#[must_use = "a held sequence owns KV blocks: release it"]
+pub struct HeldSeq(Sequence);
+
+impl HeldSeq {
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.0.blocks.len()
+    }
+
+    /// The prompt followed by the first generated token.
+    pub fn tokens(&self) -> &[u32] {
+        &self.0.tokens
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.0.prompt_len
+    }
+
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.0.blocks
+    }
+}
+
+/// Blocks taken for KV that is arriving (decode role), in sequence order. Owned like
+/// [`HeldSeq`]: [`Engine::commit`] or [`Engine::cancel`] gives them back.
+#[derive(Debug)]
+#[must_use = "a reservation owns KV blocks: commit or cancel it"]
+pub struct Reservation(Vec<BlockId>);
+
+impl Reservation {
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.0
+    }
+}
+
+/// An imported sequence whose KV is in place, waiting for [`Engine::attach`] (decode role).
+#[derive(Debug)]
+#[must_use = "a parked sequence owns KV blocks: attach or drop it"]
+pub struct ParkedSeq(Sequence);
+
+impl ParkedSeq {
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.0.blocks
+    }
+}
+
 /// A held sequence's KV, read out for a decode worker.
 pub struct ExportedKv {
     /// Prompt followed by the first generated token.
@@ -125,12 +162,6 @@ pub struct Engine {
     sched: SchedulerConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
-    /// Prefilled sequences whose KV waits to be exported (prefill role).
-    held: HashMap<u64, Sequence>,
-    /// Blocks taken for KV that is arriving (decode role).
-    reservations: HashMap<u64, Vec<BlockId>>,
-    /// Imported sequences waiting for their consumer to attach (decode role).
-    parked: HashMap<u64, Sequence>,
     capture_logits: bool,
     preemptions: u64,
 }
@@ -153,9 +184,6 @@ impl Engine {
             sched,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            held: HashMap::new(),
-            reservations: HashMap::new(),
-            parked: HashMap::new(),
             capture_logits: false,
             preemptions: 0,
         })
@@ -246,7 +274,7 @@ impl Engine {
     }
 
     /// Like [`Engine::add_request`], but after the first token the sequence keeps its blocks for
-    /// [`Engine::export`] instead of decoding on (it finishes with [`FinishReason::Held`]).
+    /// the caller instead of decoding on: it leaves the batch in [`StepOutput::held`].
     pub fn add_request_held(
         &mut self,
         id: u64,
@@ -261,13 +289,6 @@ impl Engine {
         self.waiting.iter().chain(&self.running).any(|s| s.id == id)
     }
 
-    fn id_in_use(&self, id: u64) -> bool {
-        self.in_batch(id)
-            || self.held.contains_key(&id)
-            || self.parked.contains_key(&id)
-            || self.reservations.contains_key(&id)
-    }
-
     fn submit(
         &mut self,
         id: u64,
@@ -276,7 +297,7 @@ impl Engine {
         hold: bool,
     ) -> Result<(), EngineError> {
         self.validate(&prompt, &params)?;
-        if self.id_in_use(id) {
+        if self.in_batch(id) {
             return Err(EngineError::InvalidRequest(format!(
                 "request id {id} is already in use"
             )));
@@ -294,40 +315,47 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads a held sequence's KV (prefill role). The sequence stays held until released.
-    pub fn export(&mut self, id: u64) -> Result<ExportedKv, EngineError> {
-        let seq = self
-            .held
-            .get(&id)
-            .ok_or_else(|| EngineError::InvalidRequest(format!("no held sequence {id}")))?;
-        let (tokens, prompt_len, blocks) = (seq.tokens.clone(), seq.prompt_len, seq.blocks.clone());
-        let data = self.backend.read_blocks(&blocks)?;
+    /// Reads a held sequence's KV out (prefill role).
+    pub fn export(&mut self, held: &HeldSeq) -> Result<ExportedKv, EngineError> {
+        let seq = &held.0;
         Ok(ExportedKv {
-            tokens,
-            prompt_len,
-            num_blocks: blocks.len(),
-            data,
+            tokens: seq.tokens.clone(),
+            prompt_len: seq.prompt_len,
+            num_blocks: seq.blocks.len(),
+            data: self.backend.read_blocks(&seq.blocks)?,
         })
     }
 
-    /// Frees a held sequence; its full blocks stay in the prefix cache.
-    pub fn release_held(&mut self, id: u64) -> bool {
-        match self.held.remove(&id) {
-            Some(seq) => {
-                self.blocks.release_all(&seq.blocks);
-                true
-            }
-            None => false,
+    /// Copies a held sequence's KV straight into another worker's cache, into the blocks that
+    /// worker reserved for it (`dst`, in sequence order).
+    pub fn copy_held_to(
+        &mut self,
+        held: &HeldSeq,
+        target: &SharedKvCache,
+        dst: &[u32],
+    ) -> Result<(), EngineError> {
+        if held.0.blocks.len() != dst.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} blocks reserved for a sequence of {}",
+                dst.len(),
+                held.0.blocks.len()
+            )));
         }
+        self.backend.copy_blocks_to(target, &held.0.blocks, dst)
     }
 
-    /// Takes blocks for a sequence whose KV is about to arrive (decode role) and returns them, in
-    /// sequence order. Refuses at once when there is no room, so the sender can try another worker.
-    pub fn reserve_import(&mut self, id: u64, num_blocks: usize) -> Result<Vec<u32>, EngineError> {
-        if self.id_in_use(id) {
-            return Err(EngineError::InvalidRequest(format!(
-                "request id {id} is already in use"
-            )));
+    /// Frees a held sequence; its full blocks stay in the prefix cache.
+    pub fn release(&mut self, held: HeldSeq) {
+        self.blocks.release_all(&held.0.blocks);
+    }
+
+    /// Takes blocks for a sequence whose KV is about to arrive (decode role). Refuses at once when
+    /// there is no room, so the sender can try another worker.
+    pub fn reserve(&mut self, num_blocks: usize) -> Result<Reservation, EngineError> {
+        if num_blocks == 0 {
+            return Err(EngineError::InvalidRequest(
+                "a reservation needs at least one block".into(),
+            ));
         }
         // Keep room for the running sequences' next tokens, or imports would force preemptions.
         let headroom = self.running.len().div_ceil(self.blocks.block_size());
@@ -338,81 +366,89 @@ impl Engine {
                 self.blocks.num_blocks()
             )));
         }
-        let blocks: Vec<u32> = (0..num_blocks)
-            .map(|_| self.blocks.allocate().expect("availability checked"))
-            .collect();
-        self.reservations.insert(id, blocks.clone());
-        Ok(blocks)
+        Ok(Reservation(
+            (0..num_blocks)
+                .map(|_| self.blocks.allocate().expect("availability checked"))
+                .collect(),
+        ))
     }
 
-    /// Copies a held sequence's KV straight into another worker's cache, into the blocks that
-    /// worker reserved for it (`dst`, in sequence order).
-    pub fn copy_held_to(
-        &mut self,
-        id: u64,
-        target: &SharedKvCache,
-        dst: &[u32],
+    /// Frees the blocks of an import that will not complete.
+    pub fn cancel(&mut self, reservation: Reservation) {
+        self.blocks.release_all(&reservation.0);
+    }
+
+    /// Checks an imported sequence against the model and its blocks: every token in the
+    /// vocabulary, the whole sequence (and what is left to generate) inside the context, one
+    /// block per `block_size` computed tokens. A sender is not trusted with the engine's
+    /// invariants.
+    pub fn validate_import(
+        &self,
+        tokens: &[u32],
+        prompt_len: usize,
+        params: &SamplingParams,
+        num_blocks: usize,
     ) -> Result<(), EngineError> {
-        let seq = self
-            .held
-            .get(&id)
-            .ok_or_else(|| EngineError::InvalidRequest(format!("no held sequence {id}")))?;
-        if seq.blocks.len() != dst.len() {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} blocks reserved for a sequence of {}",
-                dst.len(),
-                seq.blocks.len()
-            )));
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if prompt_len == 0 || prompt_len >= tokens.len() {
+            return bad(format!(
+                "an import is its prompt and the first token: {} tokens with a prompt of {prompt_len}",
+                tokens.len()
+            ));
         }
-        self.backend.copy_blocks_to(target, &seq.blocks, dst)
+        self.validate(&tokens[..prompt_len], params)?;
+        let vocab = self.backend.config().vocab_size;
+        if let Some(t) = tokens[prompt_len..].iter().find(|&&t| t as usize >= vocab) {
+            return bad(format!(
+                "generated token {t} is outside the vocabulary (0..{vocab})"
+            ));
+        }
+        let generated = tokens.len() - prompt_len;
+        if generated > params.max_tokens {
+            return bad(format!(
+                "{generated} tokens generated already, more than max_tokens ({})",
+                params.max_tokens
+            ));
+        }
+        let computed = tokens.len() - 1;
+        let need = blocks_for(computed, self.blocks.block_size());
+        if need != num_blocks {
+            return bad(format!(
+                "{computed} tokens of KV fill {need} blocks, not the {num_blocks} reserved"
+            ));
+        }
+        Ok(())
     }
 
-    /// Frees the blocks of an import that did not complete.
-    pub fn cancel_import(&mut self, id: u64) {
-        if let Some(blocks) = self.reservations.remove(&id) {
-            self.blocks.release_all(&blocks);
-        }
-    }
-
-    /// Writes the arrived KV into the reserved blocks (`None`: the sender already wrote them,
-    /// device to device) and parks the sequence until [`Engine::attach`]. `tokens` is the prompt
-    /// plus the first generated token.
-    pub fn commit_import(
+    /// Makes reserved blocks a sequence: writes the arrived KV into them (`None`: the sender
+    /// already wrote them, device to device) after [`Engine::validate_import`]. On any error
+    /// the blocks are freed. `tokens` is the prompt plus the first generated token.
+    pub fn commit(
         &mut self,
-        id: u64,
+        reservation: Reservation,
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
         kv: Option<&[u8]>,
-    ) -> Result<(), EngineError> {
-        let blocks = self
-            .reservations
-            .remove(&id)
-            .ok_or_else(|| EngineError::InvalidRequest(format!("no reservation for {id}")))?;
-        let computed = tokens.len().saturating_sub(1);
-        let bs = self.blocks.block_size();
-        let valid = !tokens.is_empty()
-            && prompt_len < tokens.len()
-            && blocks.len() == blocks_for(computed, bs)
-            && self.validate(&tokens[..prompt_len], &params).is_ok();
-        if !valid {
+    ) -> Result<ParkedSeq, EngineError> {
+        let blocks = reservation.0;
+        let checked = self
+            .validate_import(&tokens, prompt_len, &params, blocks.len())
+            .and_then(|()| match kv {
+                Some(kv) => self.backend.write_blocks(&blocks, kv),
+                None => Ok(()),
+            });
+        if let Err(e) = checked {
             self.blocks.release_all(&blocks);
-            return Err(EngineError::InvalidRequest(
-                "imported sequence does not match its blocks or the model".into(),
-            ));
+            return Err(e);
         }
-        if let Some(kv) = kv {
-            if let Err(e) = self.backend.write_blocks(&blocks, kv) {
-                self.blocks.release_all(&blocks);
-                return Err(e);
-            }
-        }
-        let hashes = prefix_hashes(&tokens[..computed], bs);
+        let computed = tokens.len() - 1;
+        let hashes = prefix_hashes(&tokens[..computed], self.blocks.block_size());
         for (&b, &h) in blocks.iter().zip(&hashes) {
             self.blocks.register_full(b, h);
         }
-        let seq = Sequence {
-            id,
+        Ok(ParkedSeq(Sequence {
+            id: 0,
             tokens,
             prompt_len,
             computed,
@@ -420,38 +456,29 @@ impl Engine {
             hashes,
             params,
             hold: false,
-        };
-        self.parked.insert(id, seq);
-        Ok(())
+        }))
     }
 
-    /// Moves a parked sequence into the running batch; it decodes from the next step on.
-    pub fn attach(&mut self, id: u64) -> Result<(), EngineError> {
-        let seq = self
-            .parked
-            .remove(&id)
-            .ok_or_else(|| EngineError::InvalidRequest(format!("no transferred sequence {id}")))?;
+    /// Moves a parked sequence into the running batch under `id`; it decodes from the next step.
+    pub fn attach(&mut self, id: u64, parked: ParkedSeq) -> Result<(), EngineError> {
+        if self.in_batch(id) {
+            self.drop_parked(parked);
+            return Err(EngineError::InvalidRequest(format!(
+                "request id {id} is already in use"
+            )));
+        }
+        let mut seq = parked.0;
+        seq.id = id;
         self.running.push(seq);
         Ok(())
     }
 
     /// Frees a parked sequence nobody attached to.
-    pub fn drop_parked(&mut self, id: u64) -> bool {
-        match self.parked.remove(&id) {
-            Some(seq) => {
-                self.blocks.release_all(&seq.blocks);
-                true
-            }
-            None => false,
-        }
+    pub fn drop_parked(&mut self, parked: ParkedSeq) {
+        self.blocks.release_all(&parked.0.blocks);
     }
 
-    /// Sequences held, parked or being imported: work that is not in the batch but holds blocks.
-    pub fn num_pending_transfers(&self) -> usize {
-        self.held.len() + self.parked.len() + self.reservations.len()
-    }
-
-    /// Drops a request wherever it is, freeing its blocks. Returns whether it was found.
+    /// Drops a queued or running request, freeing its blocks. Returns whether it was found.
     pub fn abort(&mut self, id: u64) -> bool {
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             self.waiting.remove(i);
@@ -462,7 +489,7 @@ impl Engine {
             self.blocks.release_all(&seq.blocks);
             return true;
         }
-        self.release_held(id) || self.drop_parked(id)
+        false
     }
 
     /// Frees a running sequence's blocks and puts it back at the head of the queue; it will be
@@ -597,6 +624,7 @@ impl Engine {
         let result = self.backend.forward(&batch)?;
         let vocab = self.backend.config().vocab_size;
         let mut sampled = result.tokens.into_iter().enumerate();
+        let mut held_ids = Vec::new();
         for &(i, n) in &plan {
             let seq = &mut self.running[i];
             seq.computed += n;
@@ -627,22 +655,21 @@ impl Engine {
             } else if seq.generated() >= seq.params.max_tokens {
                 out.finished.push((seq.id, FinishReason::Length));
             } else if seq.hold {
-                out.finished.push((seq.id, FinishReason::Held));
+                held_ids.push(seq.id);
             }
         }
-        // Finished sequences leave now and free their blocks for the next step.
-        if !out.finished.is_empty() {
-            let (running, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+        // Finished sequences leave now and free their blocks for the next step; held ones leave
+        // with theirs.
+        if !out.finished.is_empty() || !held_ids.is_empty() {
+            let (running, leaving): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
                 .into_iter()
-                .partition(|s| !out.finished.iter().any(|(id, _)| *id == s.id));
+                .partition(|s| {
+                    !held_ids.contains(&s.id) && !out.finished.iter().any(|(id, _)| *id == s.id)
+                });
             self.running = running;
-            for seq in kept {
-                let held = out
-                    .finished
-                    .iter()
-                    .any(|&(id, r)| id == seq.id && r == FinishReason::Held);
-                if held {
-                    self.held.insert(seq.id, seq);
+            for seq in leaving {
+                if held_ids.contains(&seq.id) {
+                    out.held.push(HeldSeq(seq));
                 } else {
                     self.blocks.release_all(&seq.blocks);
                 }
@@ -652,19 +679,23 @@ impl Engine {
         Ok(out)
     }
 
-    /// Every block's reference count equals the number of sequences holding it (tests).
-    pub fn check_block_accounting(&self) -> Result<(), String> {
+    /// Every block's reference count equals the number of owners holding it: the engine's
+    /// sequences and `outside` (the blocks of held, reserved and parked sequences, which their
+    /// owners hold). Tests call it after every event.
+    pub fn check_block_accounting<'a>(
+        &'a self,
+        outside: impl IntoIterator<Item = &'a [BlockId]>,
+    ) -> Result<(), String> {
         let mut refs = vec![0u32; self.blocks.num_blocks()];
-        let seqs = self
+        let inside = self
             .running
             .iter()
             .chain(&self.waiting)
-            .chain(self.held.values())
-            .chain(self.parked.values());
-        for &b in seqs
-            .flat_map(|s| &s.blocks)
-            .chain(self.reservations.values().flatten())
-        {
+            .flat_map(|s| &s.blocks);
+        for &b in inside.chain(outside.into_iter().flatten()) {
+            if b as usize >= refs.len() {
+                return Err(format!("block {b} is outside the cache"));
+            }
             refs[b as usize] += 1;
         }
         for (b, &r) in refs.iter().enumerate() {

@@ -1,37 +1,12 @@
 //! Block bookkeeping for the paged KV cache: a free list, reference counts, and a prefix cache of
 //! full blocks keyed by a hash chained over their tokens and their parent's hash.
 //!
-//! The backend holds the K/V bytes; this holds which block belongs to whom.
+//! The backend holds the K/V bytes; this holds which block belongs to whom. Block hashes are
+//! [`pdfleet_api::prefix`]'s, which the router computes too.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 pub type BlockId = u32;
-
-/// Hash of a full block: chained over its parent so equal blocks at different prefixes differ.
-/// FNV-1a over the tokens, finalised by a 64-bit mix: stable across builds and machines, so the
-/// router can compute the same keys to route by prefix affinity.
-pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ parent;
-    for &t in tokens {
-        for b in t.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    crate::backend::mix64(h)
-}
-
-/// Hashes of every full block of `tokens`, in order.
-pub fn prefix_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut parent = 0;
-    tokens
-        .chunks_exact(block_size)
-        .map(|chunk| {
-            parent = block_hash(parent, chunk);
-            parent
-        })
-        .collect()
-}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefixStats {
@@ -176,6 +151,7 @@ impl BlockManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pdfleet_api::prefix::prefix_hashes;
 
     #[test]
     fn allocate_and_release_round_trip() {
@@ -207,19 +183,5 @@ mod tests {
         assert_eq!(m.allocate(), Some(b));
         assert_eq!(m.cached_prefix_len(&hashes), 1);
         assert_eq!(m.acquire_prefix(&hashes), vec![a]);
-    }
-
-    #[test]
-    fn hashes_chain_over_the_parent() {
-        let x = prefix_hashes(&[5, 6, 5, 6], 2);
-        assert_ne!(
-            x[0], x[1],
-            "the same tokens after a different prefix hash differently"
-        );
-        assert_eq!(
-            prefix_hashes(&[5, 6, 5, 6, 9], 2),
-            x,
-            "a partial block is not hashed"
-        );
     }
 }

@@ -23,4 +23,15 @@ pub enum EngineError {
     /// The KV cache cannot take this work now; another worker may.
     #[error("no room: {0}")]
     NoRoom(String),
+    /// This worker holds nothing (any more) for the request: never here, finished, cancelled
+    /// or expired.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request is already here in another state (a duplicate or a replay).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A device-to-device write was due after the lease on its blocks had ended: nothing was
+    /// written; reserve again.
+    #[error("lease lapsed: {0}")]
+    LeaseLapsed(String),
 }

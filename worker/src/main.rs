@@ -3,10 +3,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use pdfleet_api::worker_args::{ModelArgs, WorkerArgs};
+use pdfleet_worker::backend::{self, BackendKind};
 use pdfleet_worker::bench::{Bench, BenchConfig};
 use pdfleet_worker::config::{KvDtype, ModelConfig};
-use pdfleet_worker::serve::{self, ServeArgs};
-use pdfleet_worker::vectors;
+use pdfleet_worker::{serve, vectors, weights};
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serves as a prefill, decode or unified worker (gRPC plus HTTP metrics and health).
-    Serve(Box<ServeArgs>),
+    Serve(Box<WorkerArgs>),
     /// Generates from one prompt and prints the token ids (the reference e2e tests compare with).
     Generate {
         /// Comma-separated token ids.
@@ -30,24 +31,24 @@ enum Command {
         prompt: Vec<u32>,
         #[arg(long, default_value_t = 16)]
         max_tokens: usize,
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
         #[command(flatten)]
-        model: pdfleet_worker::serve::ModelArgs,
+        model: ModelArgs,
     },
     /// Checks the engine against a golden-vector folder (cases.json + weights.safetensors).
     CheckVectors {
         dir: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
         /// Largest allowed logit difference; also the margin under which a step is a near-tie.
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f32,
     },
     /// Reproduces the primer's measurements (no cache vs KV cache, prefill, decode) and a sweep.
     Bench {
-        #[arg(long, default_value = "auto")]
-        backend: String,
+        #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+        backend: BackendKind,
         /// Divide the primer's batch sizes by this (default: 1 on CUDA, 20 on CPU).
         #[arg(long)]
         scale: Option<usize>,
@@ -107,9 +108,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             backend,
             model,
         } => {
-            let weights = model.load()?;
+            let weights = weights::load(&model)?;
             let blocks = (prompt.len() + max_tokens).div_ceil(16) + 1;
-            let b = pdfleet_worker::backend::open(&backend, &weights, 16, blocks)?;
+            let b = backend::open(backend, &weights, 16, blocks)?;
             let mut engine = pdfleet_worker::engine::Engine::new(b, Default::default())?;
             let params = pdfleet_worker::engine::SamplingParams {
                 max_tokens,
@@ -131,7 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             backend,
             tolerance,
         } => {
-            let results = vectors::check_dir(&dir, &backend, tolerance)?;
+            let results = vectors::check_dir(&dir, backend, tolerance)?;
             let passed = results.iter().filter(|r| r.passed).count();
             for (i, r) in results.iter().enumerate() {
                 println!(
@@ -161,17 +162,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             baseline,
             json,
         } => {
-            let backend = if backend == "auto" {
-                if pdfleet_worker::backend::cuda::device_available() {
-                    "cuda"
-                } else {
-                    "cpu"
-                }
-                .to_string()
-            } else {
-                backend
+            let backend = match backend {
+                BackendKind::Auto if backend::cuda::device_available() => BackendKind::Cuda,
+                BackendKind::Auto => BackendKind::Cpu,
+                chosen => chosen,
             };
-            let scale = scale.unwrap_or(if backend == "cuda" { 1 } else { 20 });
+            let scale = scale.unwrap_or(if backend == BackendKind::Cuda { 1 } else { 20 });
             let model = ModelConfig {
                 dim,
                 n_heads,

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::backend;
+use crate::backend::{self, BackendKind};
 use crate::config::ModelConfig;
 use crate::engine::{Engine, SamplingParams, SchedulerConfig};
 use crate::weights::Weights;
@@ -38,7 +38,7 @@ pub struct CaseResult {
 /// the check also covers continuous batching of prompts of different lengths.
 pub fn check_dir(
     dir: &Path,
-    backend_name: &str,
+    backend: BackendKind,
     tolerance: f32,
 ) -> Result<Vec<CaseResult>, EngineError> {
     let text = std::fs::read_to_string(dir.join("cases.json")).map_err(|e| {
@@ -53,7 +53,7 @@ pub fn check_dir(
         .iter()
         .map(|c| (c.prompt.len() + c.tokens.len()).div_ceil(block_size))
         .sum();
-    let backend = backend::open(backend_name, &weights, block_size, blocks + 1)?;
+    let backend = backend::open(backend, &weights, block_size, blocks + 1)?;
     let mut engine = Engine::new(backend, SchedulerConfig::default())?;
     engine.set_capture_logits(true);
     for (i, case) in file.cases.iter().enumerate() {

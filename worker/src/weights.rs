@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
+use pdfleet_api::rng::SplitMix64;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::ModelConfig;
+use pdfleet_api::worker_args::ModelArgs;
+
+use crate::config::{KvDtype, ModelConfig};
 use crate::EngineError;
 
 /// One attention block. Matrices are row-major in PyTorch's Linear layout: `y = x · Wᵀ`, so `wq` is
@@ -28,46 +31,22 @@ pub struct Weights {
     pub out: Vec<f32>,
 }
 
-/// SplitMix64: small, seedable and identical everywhere, so a seed names the same model on every
-/// worker of a pool.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn next_f64(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.next_f64(), self.next_f64());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-
-    fn uniform(&mut self, bound: f32) -> f32 {
-        ((self.next_f64() * 2.0 - 1.0) as f32) * bound
-    }
-}
-
 impl Weights {
     /// Draws weights the way PyTorch initialises the primer's modules: embeddings from N(0, 1),
     /// Linear weights from U(-1/√in, 1/√in).
     pub fn from_seed(config: &ModelConfig, seed: u64) -> Result<Self, EngineError> {
         config.validate()?;
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         let (d, kv) = (config.dim, config.kv_dim());
         let bound = 1.0 / (d as f32).sqrt();
-        let mut normal = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<_>>();
+        let mut normal = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>();
         let tok_embed = normal(config.vocab_size * d);
         let pos_embed = normal(config.max_seq_len * d);
-        let mut linear = |n: usize| (0..n).map(|_| rng.uniform(bound)).collect::<Vec<_>>();
+        let mut linear = |n: usize| {
+            (0..n)
+                .map(|_| rng.uniform(1.0) as f32 * bound)
+                .collect::<Vec<_>>()
+        };
         let layers = (0..config.n_layers)
             .map(|_| LayerWeights {
                 wq: linear(d * d),
@@ -155,6 +134,32 @@ impl Weights {
 
 /// Row-major transpose of a `[rows, cols]` matrix; the CUDA kernels read weights column-wise so
 /// that a warp's lanes touch consecutive addresses.
+/// The weights a worker's flags name: a safetensors file, a seed, or (with neither) the primer's
+/// seed-7 model that every worker embeds, which only fits the primer's shape.
+pub fn load(args: &ModelArgs) -> Result<Weights, EngineError> {
+    let config = ModelConfig::from(args);
+    match (&args.weights, args.weights_seed) {
+        (Some(path), _) => Weights::load_safetensors(path, &config),
+        (None, Some(seed)) => Weights::from_seed(&config, seed),
+        (None, None) => {
+            // Any KV dtype goes with the embedded weights.
+            let primer_shape = ModelConfig {
+                kv_dtype: KvDtype::F32,
+                ..config.clone()
+            } == ModelConfig::default();
+            if !primer_shape {
+                return Err(EngineError::InvalidConfig(
+                    "the embedded weights are the primer's shape; give --weights or --weights-seed for other shapes".into(),
+                ));
+            }
+            Ok(Weights {
+                config,
+                ..Weights::embedded_primer()
+            })
+        }
+    }
+}
+
 pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0; m.len()];
     for r in 0..rows {

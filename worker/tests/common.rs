@@ -1,7 +1,8 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
-use pdfleet_worker::backend;
+use pdfleet_api::rng::mix64;
+use pdfleet_worker::backend::{self, BackendKind};
 use pdfleet_worker::config::ModelConfig;
 use pdfleet_worker::engine::{Engine, SamplingParams, SchedulerConfig};
 use pdfleet_worker::weights::Weights;
@@ -9,19 +10,19 @@ use pdfleet_worker::weights::Weights;
 /// A deterministic stream of token ids below `vocab`.
 pub fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     (0..n as u64)
-        .map(|i| (backend::mix64(seed * 7919 + i) % vocab as u64) as u32)
+        .map(|i| (mix64(seed * 7919 + i) % vocab as u64) as u32)
         .collect()
 }
 
 pub fn engine(
-    backend_name: &str,
+    kind: BackendKind,
     config: &ModelConfig,
     blocks: usize,
     block_size: usize,
     sched: SchedulerConfig,
 ) -> Engine {
     let weights = Weights::from_seed(config, 11).unwrap();
-    let b = backend::open(backend_name, &weights, block_size, blocks).unwrap();
+    let b = backend::open(kind, &weights, block_size, blocks).unwrap();
     Engine::new(b, sched).unwrap()
 }
 

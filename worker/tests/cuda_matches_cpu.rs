@@ -4,7 +4,7 @@
 mod common;
 
 use common::{engine, run_with_logits, tokens};
-use pdfleet_worker::backend::{cuda, gumbel};
+use pdfleet_worker::backend::{cuda, gumbel, BackendKind};
 use pdfleet_worker::config::{KvDtype, ModelConfig};
 use pdfleet_worker::engine::{SamplingParams, SchedulerConfig};
 
@@ -31,10 +31,13 @@ fn compare(config: ModelConfig, tol: f32) {
         max_running: 8,
     };
     let cpu = run_with_logits(
-        &mut engine("cpu", &config, 512, 16, sched.clone()),
+        &mut engine(BackendKind::Cpu, &config, 512, 16, sched.clone()),
         &requests,
     );
-    let gpu = run_with_logits(&mut engine("cuda", &config, 512, 16, sched), &requests);
+    let gpu = run_with_logits(
+        &mut engine(BackendKind::Cuda, &config, 512, 16, sched),
+        &requests,
+    );
     let mut compared = 0;
     for (r, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
         let (prompt, params) = &requests[r];
@@ -153,7 +156,7 @@ fn kv_blocks_round_trip_through_the_staging_copy() {
         let blocks = [5u32, 2, 9];
         let len = backend::block_bytes(&c, 16) * blocks.len() * 2 * c.n_layers;
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        for name in ["cpu", "cuda"] {
+        for name in [BackendKind::Cpu, BackendKind::Cuda] {
             let mut b = backend::open(name, &w, 16, 16).unwrap();
             b.write_blocks(&blocks, &data).unwrap();
             assert_eq!(b.read_blocks(&blocks).unwrap(), data, "{name} {dtype}");

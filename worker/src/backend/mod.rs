@@ -7,6 +7,9 @@
 pub mod cpu;
 pub mod cuda;
 
+use pdfleet_api::rng::mix64;
+pub use pdfleet_api::BackendKind;
+
 use crate::config::ModelConfig;
 use crate::EngineError;
 
@@ -135,15 +138,8 @@ pub fn block_bytes(config: &ModelConfig, block_size: usize) -> usize {
     block_size * config.kv_dim() * config.kv_dtype.bytes()
 }
 
-/// Stateless 64-bit mix: the random stream for temperature sampling, computed identically on the
-/// CPU and in the CUDA kernel (Gumbel-max over the logits).
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The Gumbel noise added to `token`'s logit when sampling position `position` of a sequence.
+/// The Gumbel noise added to `token`'s logit when sampling position `position` of a sequence
+/// (the CUDA kernel computes the same from the same mix).
 pub fn gumbel(seed: u64, position: u32, token: u32) -> f32 {
     let h = mix64(seed ^ mix64(((position as u64) << 32) | token as u64));
     let u = ((h >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
@@ -166,25 +162,25 @@ pub fn sample_row(logits: &[f32], s: &Sample) -> u32 {
     best.1
 }
 
-/// Opens the named backend ("cpu" or "cuda"); "auto" is CUDA when a device is present.
+/// Opens a backend; `Auto` is CUDA when a device is present.
 pub fn open(
-    name: &str,
+    kind: BackendKind,
     weights: &crate::weights::Weights,
     block_size: usize,
     num_blocks: usize,
 ) -> Result<Box<dyn Backend>, EngineError> {
-    open_on(name, weights, block_size, num_blocks, 0)
+    open_on(kind, weights, block_size, num_blocks, 0)
 }
 
 /// [`open`] on the CUDA device with this ordinal.
 pub fn open_on(
-    name: &str,
+    kind: BackendKind,
     weights: &crate::weights::Weights,
     block_size: usize,
     num_blocks: usize,
     cuda_device: usize,
 ) -> Result<Box<dyn Backend>, EngineError> {
-    let cuda = || -> Result<Box<dyn Backend>, EngineError> {
+    let on_cuda = || -> Result<Box<dyn Backend>, EngineError> {
         Ok(Box::new(cuda::CudaBackend::new(
             weights,
             block_size,
@@ -192,18 +188,16 @@ pub fn open_on(
             cuda_device,
         )?))
     };
-    match name {
-        "cpu" => Ok(Box::new(cpu::CpuBackend::new(
+    let on_cpu = || -> Result<Box<dyn Backend>, EngineError> {
+        Ok(Box::new(cpu::CpuBackend::new(
             weights, block_size, num_blocks,
-        )?)),
-        "cuda" => cuda(),
-        "auto" if cuda::device_available() => cuda(),
-        "auto" => Ok(Box::new(cpu::CpuBackend::new(
-            weights, block_size, num_blocks,
-        )?)),
-        other => Err(EngineError::InvalidConfig(format!(
-            "unknown backend {other:?}: expected cpu, cuda or auto"
-        ))),
+        )?))
+    };
+    match kind {
+        BackendKind::Cpu => on_cpu(),
+        BackendKind::Cuda => on_cuda(),
+        BackendKind::Auto if cuda::device_available() => on_cuda(),
+        BackendKind::Auto => on_cpu(),
     }
 }
 

@@ -1,91 +1,114 @@
 //! The engine runs on its own thread (the backend is synchronous and owns the GPU); async code
-//! talks to it through commands, TGI-style. Each step's tokens are routed to the request that
-//! waits for them; a request whose receiver is gone is aborted and its blocks freed.
+//! talks to it through commands, TGI-style. The thread owns the engine and the worker's
+//! [`RequestTable`], so every change of a request's state happens in one place, in order.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use pdfleet_api::RequestId;
+use tokio::sync::oneshot;
 
 use super::metrics::WorkerMetrics;
-use crate::backend::SharedKvCache;
-use crate::engine::{Engine, ExportedKv, FinishReason, SamplingParams};
+use super::table::{CopyOrder, Events, HandoffCounts, Reply, RequestTable, Writer};
+use crate::engine::{Engine, ExportedKv, SamplingParams};
 use crate::EngineError;
 
-/// What a request hears from the engine.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SeqEvent {
-    Token(u32),
-    Finished(FinishReason),
-}
+/// Consecutive failed steps after which the engine counts as broken (a transient error may
+/// pass; a device that keeps failing will not).
+const MAX_FAILED_STEPS: u32 = 3;
 
-pub type Events = mpsc::UnboundedSender<SeqEvent>;
+/// How often expired handoffs are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug, Default)]
 pub struct EngineStatus {
     pub running: usize,
     pub waiting: usize,
-    pub pending_transfers: usize,
+    pub handoffs: HandoffCounts,
     pub blocks_used: usize,
     pub blocks_total: usize,
 }
 
 impl EngineStatus {
     pub fn idle(&self) -> bool {
-        self.running == 0 && self.waiting == 0 && self.pending_transfers == 0
+        self.running == 0 && self.waiting == 0 && self.handoffs.total() == 0
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+/// Whether the engine thread runs and steps: false once it has died (a panic included) or kept
+/// failing. The health and readiness probes read it.
+#[derive(Clone, Default)]
+pub struct EngineHealth(Arc<AtomicBool>);
+
+impl EngineHealth {
+    pub fn ok(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, ok: bool) {
+        self.0.store(ok, Ordering::SeqCst);
+    }
+}
+
+/// Sets the health to false when the engine thread ends, however it ends.
+struct DeathNotice(EngineHealth, WorkerMetrics);
+
+impl Drop for DeathNotice {
+    fn drop(&mut self) {
+        self.0.set(false);
+        self.1.engine_healthy.set(0);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; the worker is no longer healthy");
+        }
+    }
+}
 
 enum Command {
     Submit {
-        id: u64,
+        id: RequestId,
         prompt: Vec<u32>,
         params: SamplingParams,
         hold: bool,
         events: Events,
         reply: Reply<()>,
     },
-    Abort(u64),
+    CopyWhenHeld {
+        id: RequestId,
+        order: CopyOrder,
+        reply: Reply<()>,
+    },
     Export {
-        id: u64,
+        id: RequestId,
         reply: Reply<ExportedKv>,
     },
-    ReleaseHeld(u64),
-    CopyHeldTo {
-        id: u64,
-        target: SharedKvCache,
-        dst: Vec<u32>,
-        reply: Reply<()>,
-    },
+    Release(RequestId),
     Reserve {
-        id: u64,
+        id: RequestId,
         blocks: usize,
-        reply: Reply<Vec<u32>>,
+        writer: Writer,
+        reply: Reply<(Vec<u32>, Duration)>,
     },
-    CancelImport(u64),
-    CommitImport {
-        id: u64,
+    Touch(RequestId),
+    Commit {
+        id: RequestId,
+        writer: Writer,
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Vec<u8>,
-        reply: Reply<()>,
+        kv: Option<Vec<u8>>,
+        reply: Reply<(usize, Duration)>,
     },
     Attach {
-        id: u64,
+        id: RequestId,
         events: Events,
         reply: Reply<()>,
     },
-    AttachImport {
-        id: u64,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        params: SamplingParams,
-        events: Events,
-        reply: Reply<()>,
+    Cancel {
+        id: RequestId,
+        writer_done: bool,
+        done: Option<oneshot::Sender<bool>>,
     },
     Status(oneshot::Sender<EngineStatus>),
 }
@@ -95,13 +118,14 @@ enum Command {
 pub struct ActorLimits {
     /// Requests queued beyond this are refused (backpressure), not buffered without bound.
     pub max_waiting: usize,
-    /// A pushed sequence nobody attaches to within this is dropped and its blocks freed.
-    pub parked_ttl: Duration,
+    /// A handoff that makes no progress for this long ends and frees its blocks.
+    pub handoff_ttl: Duration,
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: std_mpsc::Sender<Command>,
+    health: EngineHealth,
 }
 
 fn gone() -> EngineError {
@@ -115,9 +139,14 @@ impl EngineHandle {
         rx.await.map_err(|_| gone())?
     }
 
+    pub fn health(&self) -> &EngineHealth {
+        &self.health
+    }
+
+    /// Queues a request; with `hold`, its KV is kept for a decode worker after the first token.
     pub async fn submit(
         &self,
-        id: u64,
+        id: RequestId,
         prompt: Vec<u32>,
         params: SamplingParams,
         hold: bool,
@@ -134,55 +163,55 @@ impl EngineHandle {
         .await
     }
 
-    pub fn abort(&self, id: u64) {
-        let _ = self.tx.send(Command::Abort(id));
+    /// Copies a held request's KV into blocks `dst` of another worker's cache, once its prompt
+    /// is done; refused if its lease on them would end before then.
+    pub async fn copy_when_held(&self, id: RequestId, order: CopyOrder) -> Result<(), EngineError> {
+        self.ask(|reply| Command::CopyWhenHeld { id, order, reply })
+            .await
     }
 
-    pub async fn export(&self, id: u64) -> Result<ExportedKv, EngineError> {
+    pub async fn export(&self, id: RequestId) -> Result<ExportedKv, EngineError> {
         self.ask(|reply| Command::Export { id, reply }).await
     }
 
-    pub fn release_held(&self, id: u64) {
-        let _ = self.tx.send(Command::ReleaseHeld(id));
+    pub fn release(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Release(id));
     }
 
-    /// Copies a held sequence's KV into the blocks `dst` of another worker's shared cache; asked
-    /// while the sequence is still prefilling, the copy happens as soon as its prompt is done.
-    pub async fn copy_held_to(
+    /// Takes blocks for arriving KV; returns them and the writer's lease.
+    pub async fn reserve(
         &self,
-        id: u64,
-        target: SharedKvCache,
-        dst: Vec<u32>,
-    ) -> Result<(), EngineError> {
-        self.ask(|reply| Command::CopyHeldTo {
+        id: RequestId,
+        blocks: usize,
+        writer: Writer,
+    ) -> Result<(Vec<u32>, Duration), EngineError> {
+        self.ask(|reply| Command::Reserve {
             id,
-            target,
-            dst,
+            blocks,
+            writer,
             reply,
         })
         .await
     }
 
-    /// Reserves blocks for an incoming sequence and returns their ids.
-    pub async fn reserve(&self, id: u64, blocks: usize) -> Result<Vec<u32>, EngineError> {
-        self.ask(|reply| Command::Reserve { id, blocks, reply })
-            .await
+    pub fn touch(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Touch(id));
     }
 
-    pub fn cancel_import(&self, id: u64) {
-        let _ = self.tx.send(Command::CancelImport(id));
-    }
-
-    pub async fn commit_import(
+    /// Returns the blocks the sequence's KV fills and how long it took since the reservation.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn commit(
         &self,
-        id: u64,
+        id: RequestId,
+        writer: Writer,
         tokens: Vec<u32>,
         prompt_len: usize,
         params: SamplingParams,
-        kv: Vec<u8>,
-    ) -> Result<(), EngineError> {
-        self.ask(|reply| Command::CommitImport {
+        kv: Option<Vec<u8>>,
+    ) -> Result<(usize, Duration), EngineError> {
+        self.ask(|reply| Command::Commit {
             id,
+            writer,
             tokens,
             prompt_len,
             params,
@@ -192,30 +221,36 @@ impl EngineHandle {
         .await
     }
 
-    pub async fn attach(&self, id: u64, events: Events) -> Result<(), EngineError> {
+    pub async fn attach(&self, id: RequestId, events: Events) -> Result<(), EngineError> {
         self.ask(|reply| Command::Attach { id, events, reply })
             .await
     }
 
-    /// Commits a sequence whose KV was written into its reserved blocks device to device and
-    /// attaches to it, in one engine command (one step boundary).
-    pub async fn attach_import(
-        &self,
-        id: u64,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        params: SamplingParams,
-        events: Events,
-    ) -> Result<(), EngineError> {
-        self.ask(|reply| Command::AttachImport {
+    /// Drops whatever the request holds here, without waiting.
+    pub fn cancel(&self, id: RequestId, writer_done: bool) {
+        let _ = self.tx.send(Command::Cancel {
             id,
-            tokens,
-            prompt_len,
-            params,
-            events,
-            reply,
-        })
-        .await
+            writer_done,
+            done: None,
+        });
+    }
+
+    /// Drops whatever the request holds here; returns once the engine has done so (after which
+    /// it writes nothing more for it), with whether anything was here.
+    pub async fn cancel_and_wait(&self, id: RequestId, writer_done: bool) -> bool {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Cancel {
+                id,
+                writer_done,
+                done: Some(done),
+            })
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
@@ -225,46 +260,40 @@ impl EngineHandle {
     }
 }
 
-/// Timing of one request inside the worker, for its TTFT and ITL histograms.
-struct Subscriber {
-    events: Events,
-    last: Instant,
-    first_seen: bool,
-}
-
-/// A device-to-device copy asked for while its sequence was still prefilling: it runs right after
-/// the step that completes the prompt, before the next one.
-struct DeferredCopy {
-    target: SharedKvCache,
-    dst: Vec<u32>,
-    reply: Reply<()>,
-}
-
 struct Actor {
     engine: Engine,
+    table: RequestTable,
     limits: ActorLimits,
     metrics: WorkerMetrics,
-    subscribers: HashMap<u64, Subscriber>,
-    parked_at: HashMap<u64, Instant>,
-    deferred_copies: HashMap<u64, DeferredCopy>,
+    health: EngineHealth,
+    failed_steps: u32,
+    last_sweep: Instant,
 }
 
 /// Starts the engine thread.
 pub fn spawn(engine: Engine, limits: ActorLimits, metrics: WorkerMetrics) -> EngineHandle {
     let (tx, rx) = std_mpsc::channel();
+    let health = EngineHealth::default();
+    health.set(true);
+    metrics.engine_healthy.set(1);
     let mut actor = Actor {
+        table: RequestTable::new(limits.handoff_ttl, metrics.clone()),
         engine,
         limits,
-        metrics,
-        subscribers: HashMap::new(),
-        parked_at: HashMap::new(),
-        deferred_copies: HashMap::new(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        failed_steps: 0,
+        last_sweep: Instant::now(),
     };
+    let notice = DeathNotice(health.clone(), metrics);
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || actor.run(rx))
+        .spawn(move || {
+            let _notice = notice;
+            actor.run(rx)
+        })
         .expect("spawn the engine thread");
-    EngineHandle { tx }
+    EngineHandle { tx, health }
 }
 
 impl Actor {
@@ -280,30 +309,24 @@ impl Actor {
                 }
                 self.step();
             } else {
-                // Idle: wake for the next command, or to expire parked sequences.
-                match rx.recv_timeout(Duration::from_millis(500)) {
+                // Idle: wake for the next command, or to end handoffs past their deadline.
+                match rx.recv_timeout(SWEEP_EVERY) {
                     Ok(cmd) => self.handle(cmd),
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
-            self.expire_parked();
+            let now = Instant::now();
+            if now - self.last_sweep >= SWEEP_EVERY {
+                self.table.sweep(&mut self.engine, now);
+                self.last_sweep = now;
+            }
             self.publish_gauges();
         }
     }
 
-    fn subscribe(&mut self, id: u64, events: Events, first_seen: bool) {
-        self.subscribers.insert(
-            id,
-            Subscriber {
-                events,
-                last: Instant::now(),
-                first_seen,
-            },
-        );
-    }
-
     fn handle(&mut self, cmd: Command) {
+        let (engine, table, now) = (&mut self.engine, &mut self.table, Instant::now());
         match cmd {
             Command::Submit {
                 id,
@@ -313,120 +336,78 @@ impl Actor {
                 events,
                 reply,
             } => {
-                let result = if self.engine.num_waiting() >= self.limits.max_waiting {
+                let result = if engine.num_waiting() >= self.limits.max_waiting {
                     Err(EngineError::NoRoom(format!(
                         "queue full: {} requests waiting",
-                        self.engine.num_waiting()
+                        engine.num_waiting()
                     )))
-                } else if hold {
-                    self.engine.add_request_held(id, prompt, params)
                 } else {
-                    self.engine.add_request(id, prompt, params)
+                    table.submit(engine, id, prompt, params, hold, events, now)
                 };
-                if result.is_ok() {
-                    self.subscribe(id, events, false);
-                }
                 let _ = reply.send(result);
             }
-            Command::Abort(id) => {
-                self.subscribers.remove(&id);
-                if let Some(c) = self.deferred_copies.remove(&id) {
-                    let _ = c.reply.send(Err(EngineError::InvalidRequest(format!(
-                        "request {id} was aborted"
-                    ))));
-                }
-                self.parked_at.remove(&id);
-                self.engine.abort(id);
-                self.engine.cancel_import(id);
+            Command::CopyWhenHeld { id, order, reply } => {
+                table.copy_when_held(engine, id, order, reply, now);
             }
             Command::Export { id, reply } => {
-                let _ = reply.send(self.engine.export(id));
+                let _ = reply.send(table.export(engine, id, now));
             }
-            Command::ReleaseHeld(id) => {
-                self.engine.release_held(id);
+            Command::Release(id) => {
+                table.release(engine, id);
             }
-            Command::CopyHeldTo {
+            Command::Reserve {
                 id,
-                target,
-                dst,
+                blocks,
+                writer,
                 reply,
             } => {
-                if self.engine.in_batch(id) {
-                    self.deferred_copies
-                        .insert(id, DeferredCopy { target, dst, reply });
-                } else {
-                    let _ = reply.send(self.copy_held_to(id, &target, &dst));
-                }
+                let _ = reply.send(table.reserve(engine, id, blocks, writer, now));
             }
-            Command::Reserve { id, blocks, reply } => {
-                let _ = reply.send(self.engine.reserve_import(id, blocks));
-            }
-            Command::CancelImport(id) => self.engine.cancel_import(id),
-            Command::CommitImport {
+            Command::Touch(id) => table.touch(id, now),
+            Command::Commit {
                 id,
+                writer,
                 tokens,
                 prompt_len,
                 params,
                 kv,
                 reply,
             } => {
-                let result = self
-                    .engine
-                    .commit_import(id, tokens, prompt_len, params, Some(&kv));
-                if result.is_ok() {
-                    self.parked_at.insert(id, Instant::now());
-                }
-                let _ = reply.send(result);
-            }
-            Command::AttachImport {
-                id,
-                tokens,
-                prompt_len,
-                params,
-                events,
-                reply,
-            } => {
-                let result = self
-                    .engine
-                    .commit_import(id, tokens, prompt_len, params, None)
-                    .and_then(|()| self.attach(id, events));
+                let result = table.commit(
+                    engine,
+                    id,
+                    writer,
+                    tokens,
+                    prompt_len,
+                    params,
+                    kv.as_deref(),
+                    now,
+                );
                 let _ = reply.send(result);
             }
             Command::Attach { id, events, reply } => {
-                let _ = reply.send(self.attach(id, events));
+                let _ = reply.send(table.attach(engine, id, events, now));
+            }
+            Command::Cancel {
+                id,
+                writer_done,
+                done,
+            } => {
+                let found = table.cancel(engine, id, writer_done);
+                if let Some(done) = done {
+                    let _ = done.send(found);
+                }
             }
             Command::Status(reply) => {
                 let _ = reply.send(EngineStatus {
-                    running: self.engine.num_running(),
-                    waiting: self.engine.num_waiting(),
-                    pending_transfers: self.engine.num_pending_transfers(),
-                    blocks_used: self.engine.blocks_used(),
-                    blocks_total: self.engine.blocks_total(),
+                    running: engine.num_running(),
+                    waiting: engine.num_waiting(),
+                    handoffs: table.handoffs(),
+                    blocks_used: engine.blocks_used(),
+                    blocks_total: engine.blocks_total(),
                 });
             }
         }
-    }
-
-    fn attach(&mut self, id: u64, events: Events) -> Result<(), EngineError> {
-        self.engine.attach(id)?;
-        self.parked_at.remove(&id);
-        // The first token came from the prefill worker: what follows is inter-token.
-        self.subscribe(id, events, true);
-        Ok(())
-    }
-
-    fn copy_held_to(
-        &mut self,
-        id: u64,
-        target: &SharedKvCache,
-        dst: &[u32],
-    ) -> Result<(), EngineError> {
-        let start = Instant::now();
-        self.engine.copy_held_to(id, target, dst)?;
-        self.metrics
-            .kv_device_copy_seconds
-            .observe(start.elapsed().as_secs_f64());
-        Ok(())
     }
 
     fn step(&mut self) {
@@ -435,17 +416,23 @@ impl Actor {
         let out = match self.engine.step() {
             Ok(out) => out,
             Err(e) => {
-                // A backend failure fails every request in flight rather than hanging them.
+                // A backend failure fails every request in the batch rather than hanging them;
+                // one that keeps failing makes the worker unhealthy.
                 tracing::error!(error = %e, "engine step failed");
-                for (id, _) in self.subscribers.drain() {
-                    self.engine.abort(id);
-                }
-                for (_, c) in self.deferred_copies.drain() {
-                    let _ = c.reply.send(Err(EngineError::Backend(e.to_string())));
+                self.table.fail_batch(&mut self.engine, &e);
+                self.failed_steps += 1;
+                if self.failed_steps >= MAX_FAILED_STEPS && self.health.ok() {
+                    tracing::error!(
+                        steps = self.failed_steps,
+                        "the engine keeps failing; the worker is no longer healthy"
+                    );
+                    self.health.set(false);
+                    self.metrics.engine_healthy.set(0);
                 }
                 return;
             }
         };
+        self.failed_steps = 0;
         let m = &self.metrics;
         m.step_seconds.observe(out.seconds);
         m.batch_tokens
@@ -456,66 +443,7 @@ impl Actor {
         m.prefix_hits.inc_by(prefix.hits - prefix_before.hits);
         m.preemptions
             .inc_by(self.engine.preemptions() - preempt_before);
-        let now = Instant::now();
-        let mut gone = Vec::new();
-        for e in &out.tokens {
-            let Some(sub) = self.subscribers.get_mut(&e.id) else {
-                continue;
-            };
-            if sub.first_seen {
-                m.itl.observe((now - sub.last).as_secs_f64());
-            } else {
-                m.ttft.observe((now - sub.last).as_secs_f64());
-                sub.first_seen = true;
-            }
-            sub.last = now;
-            if sub.events.send(SeqEvent::Token(e.token)).is_err() {
-                gone.push(e.id);
-            }
-        }
-        for &(id, reason) in &out.finished {
-            if let Some(sub) = self.subscribers.remove(&id) {
-                let _ = sub.events.send(SeqEvent::Finished(reason));
-            }
-            m.requests.with_label_values(&[reason.as_str()]).inc();
-        }
-        for id in gone {
-            // Nobody listens any more: free the sequence's blocks now.
-            self.subscribers.remove(&id);
-            self.deferred_copies.remove(&id);
-            self.engine.abort(id);
-            m.requests.with_label_values(&["cancelled"]).inc();
-        }
-        // Copies waiting for these prompts go now, before the next step (and after the events, so
-        // that the sender's transfer time includes them).
-        for &(id, reason) in &out.finished {
-            if let Some(c) = self.deferred_copies.remove(&id) {
-                let result = if reason == FinishReason::Held {
-                    self.copy_held_to(id, &c.target, &c.dst)
-                } else {
-                    Err(EngineError::InvalidRequest(format!(
-                        "request {id} finished ({}) before its KV could move",
-                        reason.as_str()
-                    )))
-                };
-                let _ = c.reply.send(result);
-            }
-        }
-    }
-
-    fn expire_parked(&mut self) {
-        let ttl = self.limits.parked_ttl;
-        let expired: Vec<u64> = self
-            .parked_at
-            .iter()
-            .filter(|(_, t)| t.elapsed() > ttl)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in expired {
-            tracing::warn!(id, "dropping a transferred sequence nobody attached to");
-            self.parked_at.remove(&id);
-            self.engine.drop_parked(id);
-        }
+        self.table.apply_step(&mut self.engine, out, Instant::now());
     }
 
     fn publish_gauges(&self) {
@@ -524,5 +452,6 @@ impl Actor {
         m.waiting.set(self.engine.num_waiting() as i64);
         m.blocks_used.set(self.engine.blocks_used() as i64);
         m.blocks_total.set(self.engine.blocks_total() as i64);
+        m.handoff_counts(&self.table.handoffs());
     }
 }

@@ -1,9 +1,13 @@
-//! The worker's Prometheus metrics, labelled with its pool, role and pod.
+//! The worker's Prometheus metrics, labelled with its pool, role and pod. Names are the contract
+//! crate's ([`pdfleet_api::metrics::worker`]).
 
+use pdfleet_api::metrics::{self, latency_buckets, worker as names};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
+
+use super::table::{HandoffCounts, Outcome};
 
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -15,141 +19,143 @@ pub struct WorkerMetrics {
     pub waiting: IntGauge,
     pub blocks_used: IntGauge,
     pub blocks_total: IntGauge,
+    pub handoffs: IntGaugeVec,
+    pub handoffs_ended: IntCounterVec,
     pub prefix_hits: IntCounter,
     pub prefix_queries: IntCounter,
     pub preemptions: IntCounter,
     pub batch_tokens: Histogram,
     pub step_seconds: Histogram,
+    pub engine_healthy: IntGauge,
     pub kv_transfer_bytes: IntCounterVec,
-    pub kv_transfer_seconds: prometheus::HistogramVec,
+    pub kv_transfer_seconds: HistogramVec,
     pub kv_device_copy_seconds: Histogram,
 }
 
-/// Latency buckets from 1 ms to 60 s.
-pub fn latency_buckets() -> Vec<f64> {
-    vec![
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    ]
+/// Device-to-device copies take microseconds: finer buckets below the latency ones.
+fn transfer_buckets(finest: &[f64]) -> Vec<f64> {
+    finest.iter().copied().chain(latency_buckets()).collect()
 }
 
 impl WorkerMetrics {
     pub fn new(pool: &str, role: &str, pod: &str) -> Self {
-        let labels = [("pool", pool), ("role", role), ("pod", pod)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let registry = Registry::new_custom(Some("pdfleet_worker".into()), Some(labels))
-            .expect("valid registry");
+        let registry = metrics::registry(pool, role, pod);
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("unique metric");
+        };
         let hist = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid histogram");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
+            register(Box::new(h.clone()));
             h
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid gauge");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid counter");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
-        let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Sequences finished, by reason"),
-            &["reason"],
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            register(Box::new(c.clone()));
+            c
+        };
+        let handoffs = IntGaugeVec::new(
+            Opts::new(
+                names::KV_HANDOFFS,
+                "KV handoffs held by this worker, by state",
+            ),
+            &["state"],
         )
-        .expect("valid");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("unique metric");
-        let kv_transfer_bytes = IntCounterVec::new(
-            Opts::new("kv_transfer_bytes_total", "KV bytes moved between workers"),
+        .expect("valid gauge");
+        register(Box::new(handoffs.clone()));
+        let kv_transfer_seconds = HistogramVec::new(
+            HistogramOpts::new(names::KV_TRANSFER_SECONDS, "Time to move one sequence's KV")
+                .buckets(transfer_buckets(&[0.0001, 0.00025, 0.0005])),
             &["direction", "transport"],
         )
-        .expect("valid");
-        registry
-            .register(Box::new(kv_transfer_bytes.clone()))
-            .expect("unique metric");
-        let kv_transfer_seconds = prometheus::HistogramVec::new(
-            HistogramOpts::new("kv_transfer_seconds", "Time to move one sequence's KV")
-                // Device-to-device moves take well under a millisecond.
-                .buckets(
-                    [0.0001, 0.00025, 0.0005]
-                        .into_iter()
-                        .chain(latency_buckets())
-                        .collect(),
-                ),
-            &["direction", "transport"],
-        )
-        .expect("valid");
-        registry
-            .register(Box::new(kv_transfer_seconds.clone()))
-            .expect("unique metric");
+        .expect("valid histogram");
+        register(Box::new(kv_transfer_seconds.clone()));
         WorkerMetrics {
             ttft: hist(
-                "time_to_first_token_seconds",
+                names::TTFT,
                 "From admission to the first token, in this worker",
                 latency_buckets(),
             ),
             itl: hist(
-                "inter_token_latency_seconds",
+                names::ITL,
                 "Between successive tokens of a sequence",
                 latency_buckets(),
             ),
-            running: gauge("running_sequences", "Sequences in the running batch"),
-            waiting: gauge("queue_depth", "Requests waiting to be admitted"),
-            blocks_used: gauge("kv_blocks_used", "KV blocks referenced by sequences"),
-            blocks_total: gauge("kv_blocks_total", "KV blocks in the cache"),
+            requests: counter_vec(
+                names::REQUESTS,
+                "Sequences finished, by reason",
+                &["reason"],
+            ),
+            running: gauge(names::RUNNING, "Sequences in the running batch"),
+            waiting: gauge(names::QUEUE_DEPTH, "Requests waiting to be admitted"),
+            blocks_used: gauge(names::KV_BLOCKS_USED, "KV blocks referenced by sequences"),
+            blocks_total: gauge(names::KV_BLOCKS_TOTAL, "KV blocks in the cache"),
+            handoffs,
+            handoffs_ended: counter_vec(
+                names::KV_HANDOFFS_ENDED,
+                "KV handoffs that left this worker, by how",
+                &["outcome"],
+            ),
             prefix_hits: counter(
-                "prefix_cache_hits_total",
+                names::PREFIX_HITS,
                 "Prompt tokens found in the prefix cache",
             ),
             prefix_queries: counter(
-                "prefix_cache_queries_total",
+                names::PREFIX_QUERIES,
                 "Prompt tokens looked up in the prefix cache",
             ),
             preemptions: counter(
-                "preemptions_total",
+                names::PREEMPTIONS,
                 "Sequences preempted for lack of KV blocks",
             ),
             batch_tokens: hist(
-                "batch_tokens",
+                names::BATCH_TOKENS,
                 "Tokens computed per engine step",
                 vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0],
             ),
             step_seconds: hist(
-                "step_seconds",
+                names::STEP_SECONDS,
                 "Duration of one engine step",
                 latency_buckets(),
             ),
-            kv_device_copy_seconds: hist(
-                "kv_device_copy_seconds",
-                "GPU time copying one sequence's KV into a decode worker's cache (sender)",
-                [0.00001, 0.000025, 0.00005]
-                    .into_iter()
-                    .chain([0.0001, 0.00025, 0.0005])
-                    .chain(latency_buckets())
-                    .collect(),
+            engine_healthy: gauge(
+                names::ENGINE_HEALTHY,
+                "1 while the engine thread runs and its steps succeed",
             ),
-            requests,
-            kv_transfer_bytes,
+            kv_device_copy_seconds: hist(
+                names::KV_DEVICE_COPY_SECONDS,
+                "GPU time copying one sequence's KV into a decode worker's cache (sender)",
+                transfer_buckets(&[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005]),
+            ),
+            kv_transfer_bytes: counter_vec(
+                names::KV_TRANSFER_BYTES,
+                "KV bytes moved between workers",
+                &["direction", "transport"],
+            ),
             kv_transfer_seconds,
             registry,
         }
     }
 
-    /// One sequence's KV moved: `direction` is "send" or "receive", `transport` "grpc" or
-    /// "device".
-    pub fn kv_moved(&self, direction: &str, transport: &str, bytes: u64, seconds: f64) {
-        let labels = [direction, transport];
+    /// One sequence's KV moved: `direction` is "send" or "receive".
+    pub fn kv_moved(
+        &self,
+        direction: &str,
+        transport: pdfleet_api::KvTransport,
+        bytes: u64,
+        seconds: f64,
+    ) {
+        let labels = [direction, transport.as_str()];
         self.kv_transfer_bytes
             .with_label_values(&labels)
             .inc_by(bytes);
@@ -158,16 +164,24 @@ impl WorkerMetrics {
             .observe(seconds);
     }
 
-    pub fn encode(&self) -> String {
-        encode(&self.registry)
+    pub fn handoff_counts(&self, c: &HandoffCounts) {
+        for (state, n) in [
+            ("held", c.held),
+            ("reserved", c.reserved),
+            ("committed", c.committed),
+            ("quarantined", c.quarantined),
+        ] {
+            self.handoffs.with_label_values(&[state]).set(n as i64);
+        }
     }
-}
 
-/// A registry in Prometheus' text format (the router's metrics use it too).
-pub fn encode(registry: &Registry) -> String {
-    let mut buf = Vec::new();
-    TextEncoder::new()
-        .encode(&registry.gather(), &mut buf)
-        .expect("text encoding");
-    String::from_utf8(buf).expect("prometheus text is UTF-8")
+    pub fn handoff_ended(&self, outcome: Outcome) {
+        self.handoffs_ended
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        metrics::encode(&self.registry)
+    }
 }

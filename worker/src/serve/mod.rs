@@ -4,180 +4,23 @@
 pub mod actor;
 pub mod grpc;
 pub mod metrics;
+pub mod receiver;
+pub mod sender;
+pub mod table;
 pub mod transfer;
 
-pub mod proto {
-    tonic::include_proto!("pdfleet.v1");
-}
-
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
+use pdfleet_api::worker_args::WorkerArgs;
+use pdfleet_api::Role;
 
-use crate::config::{KvDtype, ModelConfig};
+use crate::config::ModelConfig;
 use crate::engine::{Engine, SchedulerConfig};
-use crate::weights::Weights;
-use crate::{backend, EngineError};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Unified,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-            Role::Unified => "unified",
-        })
-    }
-}
-
-/// How a prefill worker moves KV to a decode worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum KvTransport {
-    /// Device to device when the decode worker's cache can be opened (same host, both CUDA),
-    /// otherwise over gRPC.
-    Auto,
-    /// Device to device (CUDA IPC) only; a push that cannot go this way fails.
-    Device,
-    /// Over gRPC: read out to the host, streamed, written on the other side.
-    Grpc,
-}
-
-impl KvTransport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KvTransport::Auto => "auto",
-            KvTransport::Device => "device",
-            KvTransport::Grpc => "grpc",
-        }
-    }
-}
-
-/// The model's shape and weights, as flags (the operator renders these from the pool's spec).
-#[derive(Clone, Debug, clap::Args)]
-pub struct ModelArgs {
-    #[arg(long, default_value_t = 100)]
-    pub vocab_size: usize,
-    #[arg(long, default_value_t = 32)]
-    pub dim: usize,
-    #[arg(long, default_value_t = 1)]
-    pub n_heads: usize,
-    #[arg(long, default_value_t = 1)]
-    pub n_kv_heads: usize,
-    #[arg(long, default_value_t = 1)]
-    pub n_layers: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub max_seq_len: usize,
-    #[arg(long, default_value = "f32")]
-    pub kv_dtype: KvDtype,
-    /// safetensors file with the primer's tensor names.
-    #[arg(long, conflicts_with = "weights_seed")]
-    pub weights: Option<PathBuf>,
-    /// Draw the weights from this seed instead. With neither, the primer's seed-7 model (the
-    /// golden vectors' weights) is used.
-    #[arg(long)]
-    pub weights_seed: Option<u64>,
-}
-
-impl ModelArgs {
-    pub fn config(&self) -> ModelConfig {
-        ModelConfig {
-            vocab_size: self.vocab_size,
-            dim: self.dim,
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            n_layers: self.n_layers,
-            max_seq_len: self.max_seq_len,
-            kv_dtype: self.kv_dtype,
-        }
-    }
-
-    pub fn load(&self) -> Result<Weights, EngineError> {
-        let config = self.config();
-        match (&self.weights, self.weights_seed) {
-            (Some(path), _) => Weights::load_safetensors(path, &config),
-            (None, Some(seed)) => Weights::from_seed(&config, seed),
-            // The embedded weights fit the primer's shape, with any KV dtype.
-            (None, None) => {
-                let primer_shape = ModelConfig {
-                    kv_dtype: KvDtype::F32,
-                    ..config.clone()
-                } == ModelConfig::default();
-                if !primer_shape {
-                    return Err(EngineError::InvalidConfig(
-                        "the embedded weights are the primer's shape; give --weights or --weights-seed for other shapes".into(),
-                    ));
-                }
-                Ok(Weights {
-                    config,
-                    ..Weights::embedded_primer()
-                })
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct ServeArgs {
-    #[arg(long, value_enum)]
-    pub role: Role,
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    pub grpc_addr: SocketAddr,
-    /// `/metrics`, `/healthz`, `/readyz`.
-    #[arg(long, default_value = "0.0.0.0:9090")]
-    pub http_addr: SocketAddr,
-    /// cpu, cuda, or auto (CUDA when a GPU is present).
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
-    /// Ordinal of the CUDA device to run on, among those visible. Device-to-device KV moves
-    /// need the prefill worker to see the decode worker's GPU, so pick devices with this rather
-    /// than by hiding the others.
-    #[arg(long, default_value_t = 0)]
-    pub cuda_device: usize,
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub num_blocks: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub max_batch_tokens: usize,
-    /// Prompt tokens of one sequence per step (chunked prefill).
-    #[arg(long, default_value_t = 512)]
-    pub chunk_size: usize,
-    #[arg(long, default_value_t = 256)]
-    pub max_running: usize,
-    /// Requests queued beyond this are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
-    pub max_waiting: usize,
-    /// Send KV as f16 on the wire (prefill role, f32 cache, gRPC transport).
-    #[arg(long)]
-    pub kv_wire_f16: bool,
-    /// How KV goes to decode workers (prefill role).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub kv_transport: KvTransport,
-    #[arg(long, env = "PDFLEET_POOL", default_value = "local")]
-    pub pool: String,
-    #[arg(long, env = "POD_NAME", default_value = "")]
-    pub pod: String,
-    /// Topology domain (node, rack or zone) this worker runs in.
-    #[arg(long, env = "PDFLEET_DOMAIN", default_value = "")]
-    pub domain: String,
-    /// On SIGTERM, how long in-flight work may take to finish.
-    #[arg(long, default_value_t = 30)]
-    pub grace_period_s: u64,
-}
+use crate::{backend, weights};
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -188,20 +31,21 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let weights = args.model.load()?;
+pub async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    let weights = weights::load(&args.model)?;
+    let e = &args.engine;
     let backend = backend::open_on(
-        &args.backend,
+        args.backend,
         &weights,
-        args.block_size,
-        args.num_blocks,
+        e.block_size,
+        e.num_blocks,
         args.cuda_device,
     )?;
     let backend_name = backend.name();
     let sched = SchedulerConfig {
-        max_batch_tokens: args.max_batch_tokens,
-        chunk_size: args.chunk_size,
-        max_running: args.max_running,
+        max_batch_tokens: e.max_batch_tokens,
+        chunk_size: e.chunk_size,
+        max_running: e.max_running,
     };
     let engine = Engine::new(backend, sched)?;
     // Only a decode worker's cache is written by others.
@@ -210,46 +54,61 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let pod = if args.pod.is_empty() {
-        format!("{}-{}", args.role, args.grpc_addr.port())
-    } else {
-        args.pod.clone()
-    };
-    let metrics = metrics::WorkerMetrics::new(&args.pool, &args.role.to_string(), &pod);
-    let parked_ttl = Duration::from_secs(60);
+    let pod = args
+        .pod
+        .clone()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| format!("{}-{}", args.role, args.grpc_addr.port()));
+    let metrics = metrics::WorkerMetrics::new(&args.pool, args.role.as_str(), &pod);
     let limits = actor::ActorLimits {
-        max_waiting: args.max_waiting,
-        parked_ttl,
+        max_waiting: e.max_waiting,
+        handoff_ttl: Duration::from_secs(args.handoff_ttl_s),
     };
     let handle = actor::spawn(engine, limits, metrics.clone());
+    let health = handle.health().clone();
     let draining = Arc::new(AtomicBool::new(false));
-    let service = grpc::WorkerService::new(
-        handle.clone(),
-        args.role,
-        weights.config.clone(),
-        args.block_size,
-        metrics.clone(),
-        draining.clone(),
-        pod.clone(),
-        args.domain.clone(),
-        grpc::KvMoves {
+    let service = grpc::WorkerService {
+        handle: handle.clone(),
+        role: args.role,
+        model: ModelConfig::from(&args.model),
+        block_size: e.block_size,
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+        pod: pod.clone(),
+        domain: args.domain.clone().unwrap_or_default(),
+        kv: sender::KvMoves {
             wire_f16: args.kv_wire_f16,
-            transport: args.kv_transport,
-            shared_cache,
-            host_id: grpc::host_id(),
-            reserve_ttl: parked_ttl,
+            policy: args.kv_transport,
+            host_id: sender::host_id(),
         },
-    );
+        peers: sender::Peers::default(),
+        shared_cache,
+        epoch: pdfleet_api::RequestId::random().uuid as u64,
+    };
 
     let http = {
         let (metrics, draining) = (metrics.clone(), draining.clone());
+        let live = health.clone();
+        // Liveness is the engine thread's: a worker whose engine died or keeps failing is
+        // restarted, not left answering 200.
         axum::Router::new()
             .route("/metrics", get(move || async move { metrics.encode() }))
-            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/healthz",
+                get(move || async move {
+                    if live.ok() {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "the engine is not healthy")
+                    }
+                }),
+            )
             .route(
                 "/readyz",
                 get(move || async move {
-                    if draining.load(Ordering::SeqCst) {
+                    if !health.ok() {
+                        (StatusCode::SERVICE_UNAVAILABLE, "the engine is not healthy")
+                    } else if draining.load(Ordering::SeqCst) {
                         (StatusCode::SERVICE_UNAVAILABLE, "draining")
                     } else {
                         (StatusCode::OK, "ready")
@@ -275,9 +134,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                proto::worker_server::WorkerServer::new(service)
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
+                pdfleet_api::proto::worker_server::WorkerServer::new(service)
+                    .max_decoding_message_size(pdfleet_api::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(pdfleet_api::MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;

@@ -2,18 +2,13 @@
 //! chunks, each with its CRC-32. Optionally narrowed to f16 on the wire.
 
 use half::{bf16, f16};
+use pdfleet_api::proto::{kv_chunk, KvChunk, KvData, KvHeader};
 
-use super::proto::{kv_chunk, KvChunk, KvData, KvHeader};
 use crate::config::KvDtype;
-use crate::EngineError;
 
 /// Chunk payload size: large enough to keep per-message overhead small, small enough to keep
 /// memory and head-of-line blocking bounded.
 pub const CHUNK_BYTES: usize = 256 * 1024;
-
-pub fn parse_dtype(s: &str) -> Result<KvDtype, EngineError> {
-    s.parse()
-}
 
 /// Converts KV elements between dtypes (little endian).
 pub fn convert(data: &[u8], from: KvDtype, to: KvDtype) -> Vec<u8> {

@@ -1,0 +1,115 @@
+//! Metric names, as the workers and the router export them and as the experiments, the
+//! autoscaler and the dashboards query them. Every series carries the labels [`POOL`], [`ROLE`]
+//! and [`POD`].
+
+use prometheus::{Encoder, Registry, TextEncoder};
+
+pub const POOL: &str = "pool";
+pub const ROLE: &str = "role";
+pub const POD: &str = "pod";
+
+/// Worker metrics.
+pub mod worker {
+    pub const TTFT: &str = "pdfleet_worker_time_to_first_token_seconds";
+    pub const ITL: &str = "pdfleet_worker_inter_token_latency_seconds";
+    /// Label `reason`: a finish reason, or `cancelled`.
+    pub const REQUESTS: &str = "pdfleet_worker_requests_total";
+    pub const RUNNING: &str = "pdfleet_worker_running_sequences";
+    pub const QUEUE_DEPTH: &str = "pdfleet_worker_queue_depth";
+    pub const KV_BLOCKS_USED: &str = "pdfleet_worker_kv_blocks_used";
+    pub const KV_BLOCKS_TOTAL: &str = "pdfleet_worker_kv_blocks_total";
+    /// Label `state`: held, reserved, committed.
+    pub const KV_HANDOFFS: &str = "pdfleet_worker_kv_handoffs";
+    /// Label `outcome`: how a handoff left this worker (sent, attached, cancelled, expired).
+    pub const KV_HANDOFFS_ENDED: &str = "pdfleet_worker_kv_handoffs_ended_total";
+    pub const PREFIX_HITS: &str = "pdfleet_worker_prefix_cache_hits_total";
+    pub const PREFIX_QUERIES: &str = "pdfleet_worker_prefix_cache_queries_total";
+    pub const PREEMPTIONS: &str = "pdfleet_worker_preemptions_total";
+    pub const BATCH_TOKENS: &str = "pdfleet_worker_batch_tokens";
+    pub const STEP_SECONDS: &str = "pdfleet_worker_step_seconds";
+    /// 1 while the engine thread runs and its steps succeed.
+    pub const ENGINE_HEALTHY: &str = "pdfleet_worker_engine_healthy";
+    /// Labels `direction` (send, receive) and `transport` (grpc, device).
+    pub const KV_TRANSFER_BYTES: &str = "pdfleet_worker_kv_transfer_bytes_total";
+    pub const KV_TRANSFER_SECONDS: &str = "pdfleet_worker_kv_transfer_seconds";
+    pub const KV_DEVICE_COPY_SECONDS: &str = "pdfleet_worker_kv_device_copy_seconds";
+}
+
+/// Router metrics.
+pub mod router {
+    pub const TTFT: &str = "pdfleet_router_time_to_first_token_seconds";
+    pub const ITL: &str = "pdfleet_router_inter_token_latency_seconds";
+    pub const E2E: &str = "pdfleet_router_e2e_request_latency_seconds";
+    pub const KV_TRANSFER_SECONDS: &str = "pdfleet_router_kv_transfer_seconds";
+    /// Label `outcome`.
+    pub const REQUESTS: &str = "pdfleet_router_requests_total";
+    /// Label `role`: the role of the worker that was replaced.
+    pub const RETRIES: &str = "pdfleet_router_retries_total";
+    pub const INFLIGHT: &str = "pdfleet_router_inflight_requests";
+}
+
+/// The series of a histogram.
+pub fn bucket(histogram: &str) -> String {
+    format!("{histogram}_bucket")
+}
+pub fn sum(histogram: &str) -> String {
+    format!("{histogram}_sum")
+}
+pub fn count(histogram: &str) -> String {
+    format!("{histogram}_count")
+}
+
+/// Latency buckets from 1 ms to 60 s, for every latency histogram (the autoscaler's quantiles
+/// are only as fine as these).
+pub fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+}
+
+/// A registry whose series all carry `pool`, `role` and `pod`.
+pub fn registry(pool: &str, role: &str, pod: &str) -> Registry {
+    let labels = [(POOL, pool), (ROLE, role), (POD, pod)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Registry::new_custom(None, Some(labels)).expect("valid registry")
+}
+
+/// A registry in Prometheus' text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}
+
+/// Sums the samples of one series in Prometheus text over the label sets that contain every one
+/// of `labels` (e.g. `transport="device"`; none: all of them).
+pub fn sum_in_text(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_series_by_name_and_labels() {
+        let text = "# HELP x\nx_total{a=\"1\",t=\"grpc\"} 2\nx_total{a=\"1\",t=\"device\"} 3\nx_total_other 9\nx_total 1\n";
+        assert_eq!(sum_in_text(text, "x_total", &[]), 6.0);
+        assert_eq!(sum_in_text(text, "x_total", &["t=\"device\""]), 3.0);
+        assert_eq!(
+            sum(worker::TTFT),
+            "pdfleet_worker_time_to_first_token_seconds_sum"
+        );
+    }
+}

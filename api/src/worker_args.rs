@@ -1,0 +1,450 @@
+//! The worker's and the router's command lines as types. The binaries parse them with these
+//! definitions and the operator, `pdfleet local` and the experiments render them with
+//! [`WorkerArgs::to_args`] and [`RouterArgs::to_args`], so a flag is spelled in one place.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::labels::{self, env};
+use crate::{BackendKind, KvDtype, KvTransportPolicy, Role};
+
+/// The model's shape and weights.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct ModelArgs {
+    #[arg(long, default_value_t = 100)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 32)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 1)]
+    pub n_heads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub n_kv_heads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub n_layers: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    #[arg(long, value_enum, default_value_t = KvDtype::F32)]
+    pub kv_dtype: KvDtype,
+    /// safetensors file with the primer's tensor names.
+    #[arg(long, conflicts_with = "weights_seed")]
+    pub weights: Option<PathBuf>,
+    /// Draw the weights from this seed instead. With neither, the primer's seed-7 model (the
+    /// golden vectors' weights) is used.
+    #[arg(long)]
+    pub weights_seed: Option<u64>,
+}
+
+impl Default for ModelArgs {
+    /// The primer's toy model with its embedded weights.
+    fn default() -> Self {
+        ModelArgs {
+            vocab_size: 100,
+            dim: 32,
+            n_heads: 1,
+            n_kv_heads: 1,
+            n_layers: 1,
+            max_seq_len: 2048,
+            kv_dtype: KvDtype::F32,
+            weights: None,
+            weights_seed: None,
+        }
+    }
+}
+
+impl ModelArgs {
+    fn render(&self, a: &mut Args) {
+        a.flag("--vocab-size", self.vocab_size);
+        a.flag("--dim", self.dim);
+        a.flag("--n-heads", self.n_heads);
+        a.flag("--n-kv-heads", self.n_kv_heads);
+        a.flag("--n-layers", self.n_layers);
+        a.flag("--max-seq-len", self.max_seq_len);
+        a.flag("--kv-dtype", self.kv_dtype);
+        if let Some(w) = &self.weights {
+            a.flag("--weights", w.display());
+        }
+        if let Some(s) = self.weights_seed {
+            a.flag("--weights-seed", s);
+        }
+    }
+}
+
+/// The scheduler and the KV cache.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct EngineArgs {
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub num_blocks: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Prompt tokens of one sequence per step (chunked prefill).
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_running: usize,
+    /// Requests queued beyond this are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs {
+            block_size: 16,
+            num_blocks: 4096,
+            max_batch_tokens: 2048,
+            chunk_size: 512,
+            max_running: 256,
+            max_waiting: 1024,
+        }
+    }
+}
+
+impl EngineArgs {
+    fn render(&self, a: &mut Args) {
+        a.flag("--block-size", self.block_size);
+        a.flag("--num-blocks", self.num_blocks);
+        a.flag("--max-batch-tokens", self.max_batch_tokens);
+        a.flag("--chunk-size", self.chunk_size);
+        a.flag("--max-running", self.max_running);
+        a.flag("--max-waiting", self.max_waiting);
+    }
+}
+
+/// `pdfleet-worker serve`.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_enum)]
+    pub role: Role,
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], labels::GRPC_PORT)))]
+    pub grpc_addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], labels::METRICS_PORT)))]
+    pub http_addr: SocketAddr,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// Ordinal of the CUDA device to run on, among those visible. Device-to-device KV moves
+    /// need the prefill worker to see the decode worker's GPU, so pick devices with this rather
+    /// than by hiding the others.
+    #[arg(long, default_value_t = 0)]
+    pub cuda_device: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Send KV as f16 on the wire (prefill role, f32 cache, gRPC transport).
+    #[arg(long)]
+    pub kv_wire_f16: bool,
+    /// How KV goes to decode workers (prefill role).
+    #[arg(long, value_enum, default_value_t = KvTransportPolicy::Auto)]
+    pub kv_transport: KvTransportPolicy,
+    /// A handoff that makes no progress for this long is dropped and its blocks freed: KV held
+    /// for a decode worker, blocks reserved for arriving KV, KV nobody attaches to.
+    #[arg(long, default_value_t = 30)]
+    pub handoff_ttl_s: u64,
+    #[arg(long, default_value = "local")]
+    pub pool: String,
+    #[arg(long, env = env::POD)]
+    pub pod: Option<String>,
+    /// Topology domain (node, rack or zone) this worker runs in.
+    #[arg(long, env = env::DOMAIN)]
+    pub domain: Option<String>,
+    /// On SIGTERM, how long in-flight work may take to finish.
+    #[arg(long, default_value_t = 30)]
+    pub grace_period_s: u64,
+}
+
+impl WorkerArgs {
+    /// A worker of this role with every default.
+    pub fn new(role: Role) -> Self {
+        WorkerArgs {
+            role,
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], labels::GRPC_PORT)),
+            http_addr: SocketAddr::from(([0, 0, 0, 0], labels::METRICS_PORT)),
+            backend: BackendKind::Auto,
+            cuda_device: 0,
+            model: ModelArgs::default(),
+            engine: EngineArgs::default(),
+            kv_wire_f16: false,
+            kv_transport: KvTransportPolicy::Auto,
+            handoff_ttl_s: 30,
+            pool: "local".into(),
+            pod: None,
+            domain: None,
+            grace_period_s: 30,
+        }
+    }
+
+    /// The command line (after the binary's name) that parses back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Args(vec!["serve".into()]);
+        a.flag("--role", self.role);
+        a.flag("--grpc-addr", self.grpc_addr);
+        a.flag("--http-addr", self.http_addr);
+        a.flag("--backend", self.backend);
+        a.flag("--cuda-device", self.cuda_device);
+        self.model.render(&mut a);
+        self.engine.render(&mut a);
+        if self.kv_wire_f16 {
+            a.0.push("--kv-wire-f16".into());
+        }
+        a.flag("--kv-transport", self.kv_transport);
+        a.flag("--handoff-ttl-s", self.handoff_ttl_s);
+        a.flag("--pool", &self.pool);
+        if let Some(p) = &self.pod {
+            a.flag("--pod", p);
+        }
+        if let Some(d) = &self.domain {
+            a.flag("--domain", d);
+        }
+        a.flag("--grace-period-s", self.grace_period_s);
+        a.0
+    }
+}
+
+/// `pdfleet-router`.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct RouterArgs {
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], labels::ROUTER_PORT)))]
+    pub listen: SocketAddr,
+    /// Prefill worker gRPC address (repeatable), e.g. http://127.0.0.1:50051.
+    #[arg(long = "prefill")]
+    pub prefill: Vec<String>,
+    /// Decode worker gRPC address (repeatable).
+    #[arg(long = "decode")]
+    pub decode: Vec<String>,
+    /// Unified worker gRPC address (repeatable).
+    #[arg(long = "unified")]
+    pub unified: Vec<String>,
+    /// Find the workers of this InferencePool through its EndpointSlices (in-cluster).
+    #[arg(long)]
+    pub discover_pool: Option<String>,
+    /// The pool's namespace (default: the pod's own, else "default").
+    #[arg(long, env = env::NAMESPACE)]
+    pub discover_namespace: Option<String>,
+    /// The pool's topology key: a discovered worker's domain is its node's value of this label
+    /// unless the worker reports its own.
+    #[arg(long)]
+    pub topology_key: Option<String>,
+    /// Model name clients must ask for (or omit).
+    #[arg(long, default_value = "toy")]
+    pub model_name: String,
+    #[arg(long, default_value_t = 100)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Requests in flight per worker before the router answers 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight_per_worker: usize,
+    /// Other workers to try after one fails before any token.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: usize,
+    #[arg(long, default_value = "local")]
+    pub pool: String,
+    /// This router's name in its metrics (default: the pod's, else "router").
+    #[arg(long, env = env::POD)]
+    pub pod: Option<String>,
+}
+
+impl RouterArgs {
+    /// A router with every default and no workers.
+    pub fn new() -> Self {
+        RouterArgs {
+            listen: SocketAddr::from(([0, 0, 0, 0], labels::ROUTER_PORT)),
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            unified: Vec::new(),
+            discover_pool: None,
+            discover_namespace: None,
+            topology_key: None,
+            model_name: "toy".into(),
+            vocab_size: 100,
+            max_seq_len: 2048,
+            max_inflight_per_worker: 256,
+            max_retries: 3,
+            pool: "local".into(),
+            pod: None,
+        }
+    }
+
+    /// The workers given by address, with their roles.
+    pub fn static_workers(&self) -> Vec<(String, Role)> {
+        [
+            (&self.prefill, Role::Prefill),
+            (&self.decode, Role::Decode),
+            (&self.unified, Role::Unified),
+        ]
+        .into_iter()
+        .flat_map(|(list, role)| list.iter().map(move |a| (a.clone(), role)))
+        .collect()
+    }
+
+    /// Adds a worker by address.
+    pub fn add_worker(&mut self, role: Role, addr: String) {
+        match role {
+            Role::Prefill => self.prefill.push(addr),
+            Role::Decode => self.decode.push(addr),
+            Role::Unified => self.unified.push(addr),
+        }
+    }
+
+    /// The command line (after the binary's name) that parses back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Args(Vec::new());
+        a.flag("--listen", self.listen);
+        for (addr, role) in self.static_workers() {
+            a.flag(&format!("--{role}"), addr);
+        }
+        if let Some(p) = &self.discover_pool {
+            a.flag("--discover-pool", p);
+        }
+        if let Some(ns) = &self.discover_namespace {
+            a.flag("--discover-namespace", ns);
+        }
+        if let Some(k) = &self.topology_key {
+            a.flag("--topology-key", k);
+        }
+        a.flag("--model-name", &self.model_name);
+        a.flag("--vocab-size", self.vocab_size);
+        a.flag("--max-seq-len", self.max_seq_len);
+        a.flag("--max-inflight-per-worker", self.max_inflight_per_worker);
+        a.flag("--max-retries", self.max_retries);
+        a.flag("--pool", &self.pool);
+        if let Some(p) = &self.pod {
+            a.flag("--pod", p);
+        }
+        a.0
+    }
+}
+
+impl Default for RouterArgs {
+    fn default() -> Self {
+        RouterArgs::new()
+    }
+}
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&mut self, name: &str, value: impl std::fmt::Display) {
+        self.0.push(name.to_string());
+        self.0.push(value.to_string());
+    }
+}
+
+/// Parses a worker command line as `pdfleet-worker` does (tests and tools).
+pub fn parse_worker(
+    args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+) -> Result<WorkerArgs, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+    #[derive(clap::Subcommand)]
+    enum Command {
+        Serve(WorkerArgs),
+    }
+    use clap::Parser;
+    let argv =
+        std::iter::once(OsString::from("pdfleet-worker")).chain(args.into_iter().map(Into::into));
+    let Command::Serve(w) = Cli::try_parse_from(argv)?.command;
+    Ok(w)
+}
+
+/// Parses a router command line as `pdfleet-router` does.
+pub fn parse_router(
+    args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+) -> Result<RouterArgs, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        router: RouterArgs,
+    }
+    use clap::Parser;
+    let argv =
+        std::iter::once(OsString::from("pdfleet-router")).chain(args.into_iter().map(Into::into));
+    Ok(Cli::try_parse_from(argv)?.router)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn pick<T: Copy>(r: &mut SplitMix64, xs: &[T]) -> T {
+        xs[r.below(xs.len() as u64) as usize]
+    }
+
+    #[test]
+    fn defaults_are_what_the_binary_parses() {
+        for role in Role::ALL {
+            let mut parsed = parse_worker(["serve", "--role", role.as_str()]).unwrap();
+            // The environment may name a pod or a domain; the defaults do not.
+            (parsed.pod, parsed.domain) = (None, None);
+            assert_eq!(parsed, WorkerArgs::new(*role));
+        }
+        let mut parsed = parse_router(Vec::<String>::new()).unwrap();
+        (parsed.pod, parsed.discover_namespace) = (None, None);
+        assert_eq!(parsed, RouterArgs::new());
+    }
+
+    #[test]
+    fn rendered_worker_arguments_parse_back_to_the_same_config() {
+        let mut r = SplitMix64::new(5);
+        for _ in 0..300 {
+            let mut w = WorkerArgs::new(pick(&mut r, Role::ALL));
+            w.grpc_addr = SocketAddr::from(([127, 0, 0, 1], r.below(60000) as u16 + 1));
+            w.backend = pick(&mut r, BackendKind::ALL);
+            w.cuda_device = r.below(8) as usize;
+            w.model.dim = 8 * (1 + r.below(64) as usize);
+            w.model.kv_dtype = pick(&mut r, KvDtype::ALL);
+            match r.below(3) {
+                0 => w.model.weights = Some(PathBuf::from("/weights/m w.safetensors")),
+                1 => w.model.weights_seed = Some(r.next_u64()),
+                _ => {}
+            }
+            w.engine.num_blocks = 1 + r.below(10_000) as usize;
+            w.engine.chunk_size = 1 + r.below(4096) as usize;
+            w.kv_wire_f16 = r.below(2) == 0;
+            w.kv_transport = pick(&mut r, KvTransportPolicy::ALL);
+            w.handoff_ttl_s = r.below(100);
+            w.pool = format!("pool-{}", r.below(9));
+            if r.below(2) == 0 {
+                w.pod = Some("pod-1".into());
+                w.domain = Some("zone-b".into());
+            }
+            let args = w.to_args();
+            let back = parse_worker(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            if w.pod.is_none() {
+                // Unset, the environment decides; only compare what was rendered.
+                assert_eq!(
+                    WorkerArgs {
+                        pod: None,
+                        domain: None,
+                        ..back
+                    },
+                    w
+                );
+            } else {
+                assert_eq!(back, w);
+            }
+        }
+    }
+
+    #[test]
+    fn rendered_router_arguments_parse_back_to_the_same_config() {
+        let mut a = RouterArgs::new();
+        a.add_worker(Role::Prefill, "http://127.0.0.1:1".into());
+        a.add_worker(Role::Decode, "http://127.0.0.1:2".into());
+        a.add_worker(Role::Decode, "http://127.0.0.1:3".into());
+        a.discover_pool = Some("chat".into());
+        a.discover_namespace = Some("ml".into());
+        a.pod = Some("router-0".into());
+        a.topology_key = Some("example.com/rack".into());
+        a.max_retries = 0;
+        assert_eq!(parse_router(a.to_args()).unwrap(), a);
+    }
+}
