@@ -1,160 +1,19 @@
-//! A real local fleet (worker and router processes on loopback) against the engine's own greedy
-//! tokens, and its failure modes: bad requests, overload, a decode worker killed mid-stream, and
-//! a SIGTERM drain that loses no request. Needs the workspace's binaries
+//! A real local fleet (worker and router processes on loopback) against the engine's own
+//! greedy tokens, and its failure modes: bad requests, overload, a decode worker killed
+//! mid-stream, and a SIGTERM drain that loses no request. Needs the workspace's binaries
 //! (`cargo test --release --workspace` builds them).
+
+mod common;
 
 use std::time::Duration;
 
-use pdfleet::experiment::metric_sum;
-use pdfleet::fleet::{terminate, Fleet, FleetConfig, Mode};
-use pdfleet::load::{parse_event, SseParser, StreamEvent};
+use common::*;
+use pdfleet::fleet::{terminate, Fleet};
+use pdfleet_api::metrics::{sum_in_text, worker};
+use pdfleet_api::{BackendKind, KvTransport, PoolMode as Mode};
 use pdfleet_worker::backend;
-use pdfleet_worker::config::ModelConfig;
-use pdfleet_worker::engine::{generate_all, Engine, SamplingParams, SchedulerConfig};
 use pdfleet_worker::weights::Weights;
 use serde_json::{json, Value};
-
-fn prompts() -> Vec<Vec<u32>> {
-    (0..6u64)
-        .map(|i| {
-            (0..(3 + i * 41))
-                .map(|j| ((i * 31 + j * 7) % 100) as u32)
-                .collect()
-        })
-        .collect()
-}
-
-/// A model large enough that decoding on the CPU lasts long enough to interrupt.
-const BIG: [&str; 8] = [
-    "--weights-seed",
-    "3",
-    "--dim",
-    "256",
-    "--n-heads",
-    "4",
-    "--n-layers",
-    "6",
-];
-
-fn big_weights() -> Weights {
-    let c = ModelConfig {
-        dim: 256,
-        n_heads: 4,
-        n_layers: 6,
-        ..Default::default()
-    };
-    Weights::from_seed(&c, 3).unwrap()
-}
-
-/// What the engine itself generates for these prompts, greedy, with the default weights.
-fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
-    expected_with(&Weights::embedded_primer(), prompts, max_tokens)
-}
-
-fn expected_with(w: &Weights, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
-    let b = backend::open("cpu", w, 16, 512).unwrap();
-    let mut e = Engine::new(b, SchedulerConfig::default()).unwrap();
-    let reqs = prompts
-        .iter()
-        .map(|p| {
-            (
-                p.clone(),
-                SamplingParams {
-                    max_tokens,
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    generate_all(&mut e, reqs).unwrap()
-}
-
-async fn start(mode: Mode, worker_args: &[&str], router_args: &[&str]) -> Fleet {
-    let cfg = FleetConfig {
-        mode,
-        backend: "cpu".into(),
-        worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
-        router_args: router_args.iter().map(|s| s.to_string()).collect(),
-        ..FleetConfig::default()
-    };
-    let mut fleet = Fleet::start(&cfg).unwrap();
-    fleet.wait_ready(Duration::from_secs(60)).await.unwrap();
-    fleet
-}
-
-async fn complete(url: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-/// Streams a completion: returns the tokens and how the stream ended.
-async fn stream(url: &str, body: Value) -> (Vec<u32>, StreamEnd) {
-    stream_notify(url, body, None).await
-}
-
-/// Like [`stream`], and tells `first` when the first token has arrived.
-async fn stream_notify(
-    url: &str,
-    body: Value,
-    mut first: Option<tokio::sync::oneshot::Sender<()>>,
-) -> (Vec<u32>, StreamEnd) {
-    let mut r = reqwest::Client::new()
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let (mut parser, mut events, mut tokens) = (SseParser::new(), Vec::new(), Vec::new());
-    let mut end = StreamEnd::Closed;
-    while let Ok(Some(chunk)) = r.chunk().await {
-        parser.push(&chunk, &mut events);
-        for data in events.drain(..) {
-            match parse_event(&data) {
-                StreamEvent::Tokens {
-                    finish_reason,
-                    token_ids,
-                    ..
-                } => {
-                    tokens.extend(token_ids);
-                    if !tokens.is_empty() {
-                        if let Some(tx) = first.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    if let Some(f) = finish_reason {
-                        end = StreamEnd::Finished(f);
-                    }
-                }
-                StreamEvent::Done => return (tokens, end),
-                StreamEvent::Error(m) => return (tokens, StreamEnd::Error(m)),
-            }
-        }
-    }
-    (tokens, end)
-}
-
-#[derive(Debug, PartialEq)]
-enum StreamEnd {
-    Finished(String),
-    Error(String),
-    Closed,
-}
-
-fn tokens_of(v: &Value) -> Vec<u32> {
-    v["choices"][0]["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn completions_equal_the_engine_in_both_modes_streamed_or_not() {
@@ -373,7 +232,7 @@ async fn sigterm_drains_the_decode_worker_without_losing_a_request() {
 }
 
 /// The prefill worker's KV bytes sent, by transport, from its `/metrics`.
-async fn kv_bytes_sent(fleet: &Fleet, transport: &str) -> f64 {
+async fn kv_bytes_sent(fleet: &Fleet, transport: KvTransport) -> f64 {
     let prefill = fleet
         .workers
         .iter()
@@ -385,9 +244,9 @@ async fn kv_bytes_sent(fleet: &Fleet, transport: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    metric_sum(
+    sum_in_text(
         &text,
-        "pdfleet_worker_kv_transfer_bytes_total",
+        worker::KV_TRANSFER_BYTES,
         &["direction=\"send\"", &format!("transport=\"{transport}\"")],
     )
 }
@@ -403,8 +262,8 @@ async fn kv_falls_back_to_grpc_when_the_decode_cache_cannot_be_shared() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(&tokens_of(&body), w);
     }
-    assert!(kv_bytes_sent(&fleet, "grpc").await > 0.0);
-    assert_eq!(kv_bytes_sent(&fleet, "device").await, 0.0);
+    assert!(kv_bytes_sent(&fleet, KvTransport::Grpc).await > 0.0);
+    assert_eq!(kv_bytes_sent(&fleet, KvTransport::Device).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -420,15 +279,13 @@ async fn on_a_gpu_kv_moves_device_to_device_and_tokens_stay_the_engines() {
     // Two GPUs: prefill on one, decode on the other, KV over the peer link.
     let gpus = backend::cuda::device_count().min(2);
     eprintln!("workers over {gpus} GPU(s)");
-    let cfg = FleetConfig {
-        mode: Mode::Disaggregated,
-        backend: "cuda".into(),
-        gpus,
-        worker_args: ["--kv-transport", "device", "--num-blocks", "1024"]
-            .map(String::from)
-            .to_vec(),
-        ..FleetConfig::default()
-    };
+    let mut cfg = config(
+        Mode::Disaggregated,
+        &["--kv-transport", "device", "--num-blocks", "1024"],
+        &[],
+    );
+    cfg.worker.backend = BackendKind::Cuda;
+    cfg.gpus = gpus;
     let mut fleet = Fleet::start(&cfg).unwrap();
     fleet.wait_ready(Duration::from_secs(120)).await.unwrap();
     for (p, w) in ps.iter().zip(&want) {
@@ -436,7 +293,7 @@ async fn on_a_gpu_kv_moves_device_to_device_and_tokens_stay_the_engines() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(&tokens_of(&body), w, "prompt of {}", p.len());
     }
-    let device = kv_bytes_sent(&fleet, "device").await;
+    let device = kv_bytes_sent(&fleet, KvTransport::Device).await;
     let blocks: usize = ps.iter().map(|p| p.len().div_ceil(16)).sum();
     // Per block: every layer's K and V, 16 tokens of kv_dim f32 values.
     let c = Weights::embedded_primer().config;
@@ -444,6 +301,6 @@ async fn on_a_gpu_kv_moves_device_to_device_and_tokens_stay_the_engines() {
         device as usize,
         blocks * 2 * c.n_layers * 16 * c.kv_dim() * 4
     );
-    assert_eq!(kv_bytes_sent(&fleet, "grpc").await, 0.0);
+    assert_eq!(kv_bytes_sent(&fleet, KvTransport::Grpc).await, 0.0);
     fleet.stop();
 }
