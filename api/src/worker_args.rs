@@ -154,6 +154,47 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long in-flight work may take to finish.
     #[arg(long, default_value_t = 30)]
     pub grace_period_s: u64,
+    /// A fault to inject into the engine, for tests of what users see when it breaks:
+    /// `panic-at-step:N` or `fail-steps-from:N`.
+    #[arg(long, hide = true)]
+    pub inject_fault: Option<EngineFault>,
+}
+
+/// A fault the engine thread injects into itself (tests only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineFault {
+    /// The engine thread panics at its N-th step.
+    PanicAtStep(u64),
+    /// Every step from the N-th on fails.
+    FailStepsFrom(u64),
+}
+
+impl std::fmt::Display for EngineFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineFault::PanicAtStep(n) => write!(f, "panic-at-step:{n}"),
+            EngineFault::FailStepsFrom(n) => write!(f, "fail-steps-from:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for EngineFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, n) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected panic-at-step:N or fail-steps-from:N"))?;
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("{s:?}: N must be a whole number"))?;
+        match kind {
+            "panic-at-step" => Ok(EngineFault::PanicAtStep(n)),
+            "fail-steps-from" => Ok(EngineFault::FailStepsFrom(n)),
+            _ => Err(format!(
+                "{s:?}: expected panic-at-step:N or fail-steps-from:N"
+            )),
+        }
+    }
 }
 
 impl WorkerArgs {
@@ -174,6 +215,7 @@ impl WorkerArgs {
             pod: None,
             domain: None,
             grace_period_s: 30,
+            inject_fault: None,
         }
     }
 
@@ -200,6 +242,9 @@ impl WorkerArgs {
             a.flag("--domain", d);
         }
         a.flag("--grace-period-s", self.grace_period_s);
+        if let Some(f) = self.inject_fault {
+            a.flag("--inject-fault", f);
+        }
         a.0
     }
 }
@@ -412,6 +457,11 @@ mod tests {
             w.kv_transport = pick(&mut r, KvTransportPolicy::ALL);
             w.handoff_ttl_s = r.below(100);
             w.pool = format!("pool-{}", r.below(9));
+            w.inject_fault = match r.below(3) {
+                0 => Some(EngineFault::PanicAtStep(r.below(100))),
+                1 => Some(EngineFault::FailStepsFrom(r.below(100))),
+                _ => None,
+            };
             if r.below(2) == 0 {
                 w.pod = Some("pod-1".into());
                 w.domain = Some("zone-b".into());

@@ -7,6 +7,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pdfleet_api::worker_args::EngineFault;
 use pdfleet_api::RequestId;
 use tokio::sync::oneshot;
 
@@ -120,6 +121,8 @@ pub struct ActorLimits {
     pub max_waiting: usize,
     /// A handoff that makes no progress for this long ends and frees its blocks.
     pub handoff_ttl: Duration,
+    /// Tests only: break the engine on purpose.
+    pub fault: Option<EngineFault>,
 }
 
 #[derive(Clone)]
@@ -268,6 +271,7 @@ struct Actor {
     health: EngineHealth,
     failed_steps: u32,
     last_sweep: Instant,
+    steps: u64,
 }
 
 /// Starts the engine thread.
@@ -284,6 +288,7 @@ pub fn spawn(engine: Engine, limits: ActorLimits, metrics: WorkerMetrics) -> Eng
         health: health.clone(),
         failed_steps: 0,
         last_sweep: Instant::now(),
+        steps: 0,
     };
     let notice = DeathNotice(health.clone(), metrics);
     std::thread::Builder::new()
@@ -413,7 +418,17 @@ impl Actor {
     fn step(&mut self) {
         let prefix_before = self.engine.prefix_stats();
         let preempt_before = self.engine.preemptions();
-        let out = match self.engine.step() {
+        self.steps += 1;
+        let result = match self.limits.fault {
+            Some(EngineFault::PanicAtStep(n)) if self.steps == n => {
+                panic!("injected fault: panic at step {n}")
+            }
+            Some(EngineFault::FailStepsFrom(n)) if self.steps >= n => Err(EngineError::Backend(
+                format!("injected fault: steps fail from step {n}"),
+            )),
+            _ => self.engine.step(),
+        };
+        let out = match result {
             Ok(out) => out,
             Err(e) => {
                 // A backend failure fails every request in the batch rather than hanging them;

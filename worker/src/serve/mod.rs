@@ -63,6 +63,7 @@ pub async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let limits = actor::ActorLimits {
         max_waiting: e.max_waiting,
         handoff_ttl: Duration::from_secs(args.handoff_ttl_s),
+        fault: args.inject_fault,
     };
     let handle = actor::spawn(engine, limits, metrics.clone());
     let health = handle.health().clone();
