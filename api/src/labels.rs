@@ -19,8 +19,14 @@ pub const GRPC_PORT_NAME: &str = "grpc";
 /// Workers' `/metrics`, `/healthz` and `/readyz`.
 pub const METRICS_PORT: u16 = 9090;
 pub const METRICS_PORT_NAME: &str = "metrics";
-/// The router's OpenAI-compatible API and its `/metrics`.
+/// The router's OpenAI-compatible API.
 pub const ROUTER_PORT: u16 = 8080;
+/// The router's `/metrics` in a pod (workers use [`METRICS_PORT`] too; a pod has one of each).
+pub const ROUTER_METRICS_PORT: u16 = 9090;
+
+/// Where the images put the binaries (the pods name them, so one image may hold several).
+pub const WORKER_BINARY: &str = "/usr/local/bin/pdfleet-worker";
+pub const ROUTER_BINARY: &str = "/usr/local/bin/pdfleet-router";
 
 /// Environment variables the operator sets on worker and router pods.
 pub mod env {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::labels::{self, env};
-use crate::{BackendKind, KvDtype, KvTransportPolicy, Role};
+use crate::{BackendKind, KvDtype, KvTransportPolicy, PoolMode, Role};
 
 /// The model's shape and weights.
 #[derive(Clone, Debug, PartialEq, clap::Args)]
@@ -254,6 +254,9 @@ impl WorkerArgs {
 pub struct RouterArgs {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], labels::ROUTER_PORT)))]
     pub listen: SocketAddr,
+    /// `/metrics` on its own address (default: on `--listen`).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Prefill worker gRPC address (repeatable), e.g. http://127.0.0.1:50051.
     #[arg(long = "prefill")]
     pub prefill: Vec<String>,
@@ -266,6 +269,14 @@ pub struct RouterArgs {
     /// Find the workers of this InferencePool through its EndpointSlices (in-cluster).
     #[arg(long)]
     pub discover_pool: Option<String>,
+    /// The pool's mode: discovery takes only the roles it runs (a pool switched to another mode
+    /// may still have the old roles' workers for a moment).
+    #[arg(long, value_enum)]
+    pub mode: Option<PoolMode>,
+    /// A ConfigMap in the pool's namespace mapping node names to topology domains, kept by the
+    /// operator for any topology key.
+    #[arg(long)]
+    pub topology_map: Option<String>,
     /// The pool's namespace (default: the pod's own, else "default").
     #[arg(long, env = env::NAMESPACE)]
     pub discover_namespace: Option<String>,
@@ -298,10 +309,13 @@ impl RouterArgs {
     pub fn new() -> Self {
         RouterArgs {
             listen: SocketAddr::from(([0, 0, 0, 0], labels::ROUTER_PORT)),
+            metrics_addr: None,
             prefill: Vec::new(),
             decode: Vec::new(),
             unified: Vec::new(),
             discover_pool: None,
+            mode: None,
+            topology_map: None,
             discover_namespace: None,
             topology_key: None,
             model_name: "toy".into(),
@@ -339,11 +353,20 @@ impl RouterArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Args(Vec::new());
         a.flag("--listen", self.listen);
+        if let Some(m) = self.metrics_addr {
+            a.flag("--metrics-addr", m);
+        }
         for (addr, role) in self.static_workers() {
             a.flag(&format!("--{role}"), addr);
         }
         if let Some(p) = &self.discover_pool {
             a.flag("--discover-pool", p);
+        }
+        if let Some(m) = self.mode {
+            a.flag("--mode", m);
+        }
+        if let Some(t) = &self.topology_map {
+            a.flag("--topology-map", t);
         }
         if let Some(ns) = &self.discover_namespace {
             a.flag("--discover-namespace", ns);
@@ -492,6 +515,9 @@ mod tests {
         a.add_worker(Role::Decode, "http://127.0.0.1:3".into());
         a.discover_pool = Some("chat".into());
         a.discover_namespace = Some("ml".into());
+        a.mode = Some(PoolMode::Colocated);
+        a.topology_map = Some("chat-topology".into());
+        a.metrics_addr = Some(SocketAddr::from(([0, 0, 0, 0], 9090)));
         a.pod = Some("router-0".into());
         a.topology_key = Some("example.com/rack".into());
         a.max_retries = 0;

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
     kind = "InferencePool",
     namespaced,
     shortname = "ipool",
+    category = "pdfleet",
+    validation = Rule::new("size(self.metadata.name) <= 63").message("an InferencePool's name is at most 63 characters: it is the pdfleet.dev/pool label of everything the pool runs"),
     status = "InferencePoolStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Prefill","type":"string","jsonPath":".status.prefillReplicas"}"#,
@@ -49,9 +51,11 @@ pub struct InferencePoolSpec {
     pub slo: Option<SloSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
-    /// Worker and router image unless a role overrides it.
+    /// The workers' image unless a role names its own (the router's is `router.image`); both
+    /// default to the operator's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
+    #[schemars(length(min = 1))]
+    pub worker_image: Option<String>,
 }
 
 /// The engine's model. With the defaults it is the primer's toy attention model.
@@ -60,6 +64,7 @@ pub struct InferencePoolSpec {
 #[x_kube(validation = Rule::new("self.dim % self.nHeads == 0").message("nHeads must divide dim"))]
 #[x_kube(validation = Rule::new("self.nHeads % self.nKvHeads == 0").message("nKvHeads must divide nHeads"))]
 #[x_kube(validation = Rule::new("self.dim / self.nHeads <= 256").message("the head size (dim / nHeads) must be at most 256"))]
+#[x_kube(validation = Rule::new("(has(self.weights) && (has(self.weights.seed) || has(self.weights.file))) || (self.vocabSize == 100 && self.dim == 32 && self.nHeads == 1 && self.nKvHeads == 1 && self.nLayers == 1 && self.maxSeqLen == 2048)").message("the embedded weights are the primer's shape (vocabSize 100, dim 32, one head, one layer, maxSeqLen 2048): give weights.seed or weights.file for another shape"))]
 pub struct ModelSpec {
     /// The name clients ask for in requests.
     #[serde(default = "default_model_name")]
@@ -157,14 +162,16 @@ fn default_grace() -> i64 {
     30
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceSpec {
     /// CPU request, e.g. "500m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("cpu must be a Kubernetes quantity, e.g. 500m or 2"))]
     pub cpu: Option<String>,
     /// Memory request and limit, e.g. "1Gi".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("memory must be a Kubernetes quantity, e.g. 512Mi or 2Gi"))]
     pub memory: Option<String>,
     /// nvidia.com/gpu per pod.
     #[serde(default)]
@@ -197,17 +204,30 @@ pub struct EngineSpec {
     pub kv_wire_f16: bool,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0").message("a router needs no GPU"))]
 pub struct RouterSpec {
-    /// 0 runs no router (the workers' Services are still there).
+    /// 0 runs no router: its Deployment and Service go away (the workers' Services stay).
     #[serde(default = "one_i32")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
     #[serde(default)]
     pub service_type: ServiceType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub image: Option<String>,
+    /// Requests (and the memory limit) of each router pod.
+    #[serde(default = "router_resources")]
+    pub resources: ResourceSpec,
+}
+
+fn router_resources() -> ResourceSpec {
+    ResourceSpec {
+        cpu: Some("100m".into()),
+        memory: Some("128Mi".into()),
+        gpus: 0,
+    }
 }
 
 impl Default for RouterSpec {
@@ -216,6 +236,7 @@ impl Default for RouterSpec {
             replicas: 1,
             service_type: ServiceType::ClusterIP,
             image: None,
+            resources: router_resources(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Leader election through a coordination.k8s.io Lease: one operator replica reconciles; the
 //! others wait. The leader renews; if it cannot, it exits so that another takes over cleanly.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -92,14 +92,32 @@ impl LeaderElection {
         }
     }
 
-    /// Renews until it fails; returns when leadership is lost.
+    /// Renews until leadership is lost: another replica took the lease, or it could not be
+    /// renewed (the API server down) for so long that the lease is about to end. A failed
+    /// renewal is retried meanwhile, so a short outage does not cost the lead.
     pub async fn hold(&self) {
+        let lease = Duration::from_secs(LEASE_SECONDS as u64);
+        // Give up this long before the lease ends, so that no other replica leads while this
+        // one still acts.
+        let margin = Duration::from_secs(3);
+        let mut renewed = Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_secs((LEASE_SECONDS / 3) as u64)).await;
-            match self.try_acquire().await {
-                Ok(true) => {}
-                Ok(false) => return tracing::error!("lost the lease to another replica"),
-                Err(e) => return tracing::error!(error = %e, "could not renew the lease"),
+            tokio::time::sleep(lease / 3).await;
+            loop {
+                match self.try_acquire().await {
+                    Ok(true) => {
+                        renewed = Instant::now();
+                        break;
+                    }
+                    Ok(false) => return tracing::error!("lost the lease to another replica"),
+                    Err(e) if renewed.elapsed() + margin < lease => {
+                        tracing::warn!(error = %e, "could not renew the lease; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        return tracing::error!(error = %e, "could not renew the lease before it ends")
+                    }
+                }
             }
         }
     }

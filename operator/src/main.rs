@@ -1,15 +1,20 @@
 //! pdfleet-operator: reconciles InferencePools into prefill, decode (or unified) and router
 //! workloads co-located by topology, and reports their status.
 
+mod apply;
 mod autoscale;
 mod build;
 mod error;
+#[cfg(test)]
+mod fake_api;
 mod lease;
 mod metrics;
+mod names;
+mod observe;
 mod reconcile;
+mod status;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -22,7 +27,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use pdfleet_crds::InferencePool;
 
@@ -81,38 +86,33 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let metrics = metrics::Metrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
+    // Ready as soon as it can serve: a standby replica waiting for the lease is ready too, so
+    // a rolling `helm upgrade` can bring up the new pod while the old one still leads.
     let http = {
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let metrics = metrics.clone();
         axum::Router::new()
             .route("/metrics", get(move || async move { metrics.encode() }))
             .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || async move {
-                    if ready.load(Ordering::SeqCst) {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not leading yet")
-                    }
-                }),
-            )
+            .route("/readyz", get(|| async { (StatusCode::OK, "ready") }))
     };
     let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
     tokio::spawn(async move { axum::serve(listener, http).await });
 
     let election = args.leader_elect.then(|| {
+        // The pod's name and a per-process suffix: a leader that crashed and restarted in the
+        // same pod is another holder, and waits for its predecessor's lease to end.
+        let suffix = pdfleet_api::RequestId::random().uuid as u32;
         lease::LeaderElection::new(
             client.clone(),
             &args.lease_namespace,
             "pdfleet-operator",
-            &args.identity,
+            &format!("{}_{suffix:08x}", args.identity),
         )
     });
     if let Some(e) = &election {
         e.acquire().await?;
     }
-    ready.store(true, Ordering::SeqCst);
+    metrics.leader.set(1);
 
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
@@ -130,13 +130,21 @@ async fn main() -> anyhow::Result<()> {
         ),
         metrics,
     });
+    // Pools wake the controller when their spec changes (a new generation), not when the
+    // operator writes their status.
     let pools: Api<InferencePool> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let pool_changes = watcher(pools, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         pdfleet_api::labels::MANAGED_BY,
         pdfleet_api::labels::OPERATOR
     ));
-    let controller = Controller::new(pools, watcher::Config::default())
+    let controller = Controller::for_stream(pool_changes, reader)
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())

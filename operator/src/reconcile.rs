@@ -1,29 +1,25 @@
-//! Reconcile: validate, build the children, apply them (server-side apply, one field manager),
-//! then write the status from what is really there. One step per function.
+//! Reconcile, as a pipeline: validate the pool, see where its pods are, decide each role's
+//! replicas, build the children it wants, apply them, delete those it no longer wants, and write
+//! a status that says what is really there. A step that fails says so in the pool's Ready
+//! condition and an Event, not only in the log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::RoleBinding;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
-use pdfleet_crds::{InferencePool, InferencePoolStatus, PoolMode, RoleStatus};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use pdfleet_api::Role;
+use pdfleet_crds::{InferencePool, InferencePoolStatus, PoolMode};
 
+use crate::apply::{self, FIELD_MANAGER};
 use crate::autoscale;
-use crate::build::{self, Defaults, Part};
+use crate::build::{self, Defaults};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use pdfleet_api::Role;
-
-pub const FIELD_MANAGER: &str = "pdfleet-operator";
+use crate::observe;
+use crate::status;
 
 pub struct Context {
     pub client: Client,
@@ -55,207 +51,10 @@ pub fn validate(pool: &InferencePool) -> Result<(), Error> {
     Ok(())
 }
 
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = obj.meta().name.clone().expect("built objects are named");
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Applies every child of the pool; `replicas` gives each worker role's count.
-async fn apply_children(
-    pool: &InferencePool,
-    ctx: &Context,
-    replicas: &[(Role, i32)],
-) -> Result<(), Error> {
-    let ns = pool.namespace().expect("pools are namespaced");
-    let c = &ctx.client;
-    apply::<ConfigMap>(c, &ns, &build::model_config_map(pool)).await?;
-    for (role, spec) in build::roles(pool) {
-        let n = replicas
-            .iter()
-            .find(|(r, _)| *r == role)
-            .map(|(_, n)| *n)
-            .unwrap_or(spec.replicas);
-        apply::<Service>(c, &ns, &build::role_service(pool, role)).await?;
-        apply::<Deployment>(
-            c,
-            &ns,
-            &build::worker_deployment(pool, role, spec, n, &ctx.defaults),
-        )
-        .await?;
-        apply::<PodDisruptionBudget>(c, &ns, &build::pdb(pool, role)).await?;
-    }
-    apply::<ServiceAccount>(c, &ns, &build::router_service_account(pool)).await?;
-    apply::<RoleBinding>(c, &ns, &build::router_role_binding(pool)).await?;
-    apply::<Deployment>(c, &ns, &build::router_deployment(pool, &ctx.defaults)).await?;
-    apply::<Service>(c, &ns, &build::router_service(pool)).await?;
-    Ok(())
-}
-
-async fn role_status(deployments: &Api<Deployment>, name: &str) -> Result<RoleStatus, Error> {
-    let d = deployments.get_opt(name).await?;
-    let desired = d
-        .as_ref()
-        .and_then(|d| d.spec.as_ref()?.replicas)
-        .unwrap_or(0);
-    let ready = d
-        .as_ref()
-        .and_then(|d| d.status.as_ref()?.ready_replicas)
-        .unwrap_or(0);
-    Ok(RoleStatus { ready, desired })
-}
-
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    previous: &[Condition],
-) -> Condition {
-    let status = if ok { "True" } else { "False" }.to_string();
-    // The transition time moves only when the status does.
-    let last = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(chrono::Utc::now()));
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: last,
-    }
-}
-
-fn ratio(s: &Option<RoleStatus>) -> Option<String> {
-    s.as_ref().map(|s| format!("{}/{}", s.ready, s.desired))
-}
-
-/// The status as the cluster shows it: replicas ready per role, and conditions.
-async fn observe(pool: &InferencePool, ctx: &Context) -> Result<InferencePoolStatus, Error> {
-    let ns = pool.namespace().expect("pools are namespaced");
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut st = InferencePoolStatus {
-        observed_generation: pool.metadata.generation,
-        ..Default::default()
-    };
-    for (role, _) in build::roles(pool) {
-        let s =
-            Some(role_status(&deployments, &build::child_name(pool, Part::Worker(role))).await?);
-        match role {
-            Role::Prefill => st.prefill = s,
-            Role::Decode => st.decode = s,
-            Role::Unified => st.unified = s,
-        }
-    }
-    st.router = Some(role_status(&deployments, &build::child_name(pool, Part::Router)).await?);
-    (st.prefill_replicas, st.decode_replicas) = match pool.spec.mode {
-        PoolMode::Disaggregated => (ratio(&st.prefill), ratio(&st.decode)),
-        PoolMode::Colocated => (ratio(&st.unified), ratio(&st.unified)),
-    };
-    let previous = pool
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if let Some(p) = &pool.status {
-        (st.ttft_ms, st.itl_ms) = (p.ttft_ms, p.itl_ms);
-    }
-    let all: Vec<(&str, &RoleStatus)> = [
-        (Part::Worker(Role::Prefill), &st.prefill),
-        (Part::Worker(Role::Decode), &st.decode),
-        (Part::Worker(Role::Unified), &st.unified),
-        (Part::Router, &st.router),
-    ]
-    .into_iter()
-    .filter_map(|(part, s)| s.as_ref().map(|s| (part.as_str(), s)))
-    .collect();
-    let short: Vec<String> = all
-        .iter()
-        .filter(|(_, s)| s.ready < s.desired)
-        .map(|(n, s)| format!("{n} {}/{}", s.ready, s.desired))
-        .collect();
-    let empty: Vec<&str> = all
-        .iter()
-        .filter(|(_, s)| s.desired > 0 && s.ready == 0)
-        .map(|(n, _)| *n)
-        .collect();
-    let g = pool.metadata.generation;
-    let ready = short.is_empty() && all.iter().all(|(_, s)| s.desired > 0 || s.ready == 0);
-    st.conditions = vec![
-        condition(
-            "Ready",
-            ready,
-            if ready {
-                "AllReplicasReady"
-            } else {
-                "ReplicasNotReady"
-            },
-            if ready {
-                "every role has its replicas ready".into()
-            } else {
-                format!("waiting for {}", short.join(", "))
-            },
-            g,
-            &previous,
-        ),
-        condition(
-            "Progressing",
-            !short.is_empty(),
-            if short.is_empty() {
-                "Stable"
-            } else {
-                "RollingOut"
-            },
-            if short.is_empty() {
-                "no rollout in progress".into()
-            } else {
-                format!("bringing up {}", short.join(", "))
-            },
-            g,
-            &previous,
-        ),
-        condition(
-            "Degraded",
-            !empty.is_empty(),
-            if empty.is_empty() {
-                "Serving"
-            } else {
-                "RoleUnavailable"
-            },
-            if empty.is_empty() {
-                "every role has a ready replica".into()
-            } else {
-                format!("no ready replica for {}", empty.join(", "))
-            },
-            g,
-            &previous,
-        ),
-    ];
-    Ok(st)
-}
-
 async fn write_status(
     pool: &InferencePool,
     ctx: &Context,
-    status: InferencePoolStatus,
+    status: &InferencePoolStatus,
 ) -> Result<(), Error> {
     let api: Api<InferencePool> =
         Api::namespaced(ctx.client.clone(), &pool.namespace().expect("namespaced"));
@@ -357,28 +156,43 @@ async fn autoscale(
     (seen, replicas, Some(chrono::Utc::now().to_rfc3339()))
 }
 
-pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let start = Instant::now();
-    ctx.metrics.reconciles.inc();
-    if let Err(e) = validate(&pool) {
+/// One pass of the pipeline.
+async fn run(pool: &InferencePool, ctx: &Context) -> Result<Action, Error> {
+    validate(pool)?;
+    let pods = observe::pods(&ctx.client, pool).await?;
+    let (seen, replicas, scaled_at) = autoscale(pool, ctx).await;
+    let count = |role: Role, spec: &pdfleet_crds::RoleSpec| {
+        replicas
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map_or(spec.replicas, |(_, n)| *n)
+    };
+    let children = build::children(pool, count, &ctx.defaults, &pods.domains);
+    let applied = apply::apply(&ctx.client, pool, &children).await?;
+    let pruned = apply::prune(&ctx.client, pool, &children).await?;
+    if !pruned.is_empty() {
+        for kind_name in &pruned {
+            let kind = kind_name.split('/').next().unwrap_or_default();
+            ctx.metrics.pruned.with_label_values(&[kind]).inc();
+        }
         event(
-            &ctx,
-            &pool,
-            EventType::Warning,
-            "InvalidSpec",
-            e.to_string(),
+            ctx,
+            pool,
+            EventType::Normal,
+            "Pruned",
+            format!(
+                "deleted what the pool no longer runs: {}",
+                pruned.join(", ")
+            ),
         )
         .await;
-        return Err(e);
     }
     let first_time =
         pool.status.as_ref().and_then(|s| s.observed_generation) != pool.metadata.generation;
-    let (seen, replicas, scaled_at) = autoscale(&pool, &ctx).await;
-    apply_children(&pool, &ctx, &replicas).await?;
     if first_time {
         event(
-            &ctx,
-            &pool,
+            ctx,
+            pool,
             EventType::Normal,
             "Applied",
             format!(
@@ -388,33 +202,263 @@ pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Ac
         )
         .await;
     }
-    let mut status = observe(&pool, &ctx).await?;
+    let mut st = status::compute(pool, &applied, &pods.unplaced);
     if pool.spec.autoscaling.is_some() {
         let round = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-        (status.ttft_ms, status.itl_ms) = (round(seen.ttft_ms), round(seen.itl_ms));
+        (st.ttft_ms, st.itl_ms) = (round(seen.ttft_ms), round(seen.itl_ms));
     }
-    status.last_scale_time = scaled_at;
-    let ready = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    write_status(&pool, &ctx, status).await?;
-    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
-    // Children changes wake us through the watches; otherwise this is a safety net, or the
-    // autoscaler's interval.
+    st.last_scale_time = scaled_at;
+    let settled = st.conditions.iter().all(|c| match c.type_.as_str() {
+        "Ready" | "Placement" => c.status == "True",
+        _ => true,
+    });
+    write_status(pool, ctx, &st).await?;
+    // Children changes wake us through the watches; pods and nodes do not, so an unsettled pool
+    // is looked at again soon. Otherwise this is a safety net, or the autoscaler's interval.
     let every = match &pool.spec.autoscaling {
         Some(a) => a.interval_seconds as u64,
-        None if ready => 300,
-        None => 15,
+        None if settled => 300,
+        None => 10,
     };
     Ok(Action::requeue(Duration::from_secs(every)))
 }
 
+pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = run(&pool, &ctx).await;
+    match &result {
+        Ok(_) => ctx.metrics.duration.observe(start.elapsed().as_secs_f64()),
+        // What a person must act on goes into the pool's status and events.
+        Err(e @ (Error::Invalid(_) | Error::Apply { .. })) => {
+            event(&ctx, &pool, EventType::Warning, e.reason(), e.to_string()).await;
+            let st = status::failed(&pool, e.reason(), e.to_string());
+            if let Err(w) = write_status(&pool, &ctx, &st).await {
+                tracing::warn!(error = %w, "could not write the failure into the status");
+            }
+        }
+        Err(_) => {}
+    }
+    result
+}
+
 pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.errors.inc();
+    ctx.metrics.failed(error);
     tracing::warn!(pool = %pool.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(match error {
         Error::Invalid(_) => 60,
+        Error::Apply { .. } => 15,
         Error::Kube(_) => 5,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_api::FakeApi;
+    use http::Method;
+    use kube::runtime::events::Reporter;
+    use serde_json::{json, Value};
+
+    const POOL: &str = "/apis/pdfleet.dev/v1alpha1/namespaces/ml/inferencepools/chat";
+    const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ml/deployments/";
+
+    fn context(api: &FakeApi) -> Arc<Context> {
+        let client = api.client();
+        Arc::new(Context {
+            client: client.clone(),
+            http: reqwest::Client::new(),
+            defaults: Defaults {
+                worker_image: "pdfleet/worker:dev".into(),
+                router_image: "pdfleet/router:dev".into(),
+            },
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// Stores the pool as the API server would, with a new generation for a new spec.
+    fn put_pool(api: &FakeApi, spec: Value, generation: i64) {
+        let status = api.get(POOL).and_then(|p| p.get("status").cloned());
+        let mut pool = json!({"apiVersion": "pdfleet.dev/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "chat", "namespace": "ml", "uid": "pool-uid", "generation": generation},
+            "spec": spec});
+        if let Some(s) = status {
+            pool["status"] = s;
+        }
+        api.put(POOL, pool);
+    }
+
+    async fn reconcile_once(api: &FakeApi, ctx: &Arc<Context>) -> Result<Action, Error> {
+        let pool: InferencePool = serde_json::from_value(api.get(POOL).unwrap()).unwrap();
+        reconcile(Arc::new(pool), ctx.clone()).await
+    }
+
+    fn names(api: &FakeApi, prefix: &str) -> Vec<String> {
+        api.paths(prefix)
+            .into_iter()
+            .map(|p| p.rsplit('/').next().unwrap().to_string())
+            .collect()
+    }
+
+    fn condition(api: &FakeApi, type_: &str) -> (String, String, String) {
+        let pool = api.get(POOL).unwrap();
+        let c = pool["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap()
+            .clone();
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        (s("status"), s("reason"), s("message"))
+    }
+
+    fn event_reasons(api: &FakeApi) -> Vec<String> {
+        api.paths("/apis/events.k8s.io/v1/namespaces/ml/events/")
+            .into_iter()
+            .map(|p| api.get(&p).unwrap()["reason"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn children_the_pool_no_longer_wants_are_deleted_and_only_those() {
+        let api = FakeApi::default();
+        let ctx = context(&api);
+        put_pool(
+            &api,
+            json!({"model": {}, "prefill": {}, "decode": {}, "router": {"replicas": 1}}),
+            1,
+        );
+        reconcile_once(&api, &ctx).await.unwrap();
+        assert_eq!(
+            names(&api, DEPLOYMENTS),
+            ["chat-decode", "chat-prefill", "chat-router"]
+        );
+        // Someone else's Deployment that carries the pool's labels is not ours to delete.
+        let mut foreign = api.get(&format!("{DEPLOYMENTS}chat-prefill")).unwrap();
+        foreign["metadata"]["name"] = json!("chat-extra");
+        foreign["metadata"]["ownerReferences"][0]["uid"] = json!("another-pool");
+        api.put(&format!("{DEPLOYMENTS}chat-extra"), foreign);
+
+        put_pool(
+            &api,
+            json!({"model": {}, "mode": "Colocated", "unified": {"replicas": 2}}),
+            2,
+        );
+        reconcile_once(&api, &ctx).await.unwrap();
+        assert_eq!(
+            names(&api, DEPLOYMENTS),
+            ["chat-extra", "chat-router", "chat-unified"]
+        );
+        assert_eq!(
+            names(&api, "/api/v1/namespaces/ml/services/"),
+            ["chat", "chat-unified"]
+        );
+        assert_eq!(
+            names(&api, "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/"),
+            ["chat-unified"]
+        );
+        assert!(event_reasons(&api).contains(&"Pruned".to_string()));
+
+        put_pool(
+            &api,
+            json!({"model": {}, "mode": "Colocated", "unified": {"replicas": 2}, "router": {"replicas": 0}}),
+            3,
+        );
+        reconcile_once(&api, &ctx).await.unwrap();
+        assert_eq!(names(&api, DEPLOYMENTS), ["chat-extra", "chat-unified"]);
+        assert_eq!(
+            names(&api, "/api/v1/namespaces/ml/services/"),
+            ["chat-unified"]
+        );
+        assert!(names(&api, "/api/v1/namespaces/ml/serviceaccounts/").is_empty());
+        assert!(names(
+            &api,
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/"
+        )
+        .is_empty());
+    }
+
+    fn finish_rollouts(api: &FakeApi) {
+        for path in api.paths(DEPLOYMENTS) {
+            api.edit(&path, |d| {
+                let n = d["spec"]["replicas"].clone();
+                d["status"] = json!({"observedGeneration": d["metadata"]["generation"], "replicas": n,
+                    "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n});
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_reports_the_rollout_of_the_current_generation() {
+        let api = FakeApi::default();
+        let ctx = context(&api);
+        let spec = |decode: i32| json!({"model": {}, "prefill": {}, "decode": {"replicas": decode}, "router": {"replicas": 1}});
+        put_pool(&api, spec(1), 1);
+        reconcile_once(&api, &ctx).await.unwrap();
+        let (status, reason, _) = condition(&api, "Ready");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "RollingOut"));
+        finish_rollouts(&api);
+        reconcile_once(&api, &ctx).await.unwrap();
+        assert_eq!(condition(&api, "Ready").0, "True");
+        assert_eq!(api.get(POOL).unwrap()["status"]["observedGeneration"], 1);
+        // A new generation: the decode Deployment changes, its controller has not caught up.
+        put_pool(&api, spec(2), 2);
+        reconcile_once(&api, &ctx).await.unwrap();
+        let (status, reason, message) = condition(&api, "Ready");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "RollingOut"));
+        assert!(message.contains("decode"), "{message}");
+        let pool = api.get(POOL).unwrap();
+        assert_eq!(pool["status"]["observedGeneration"], 2);
+        let ready = pool["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            ready["observedGeneration"], 2,
+            "kubectl wait compares the condition's generation with the pool's"
+        );
+        finish_rollouts(&api);
+        reconcile_once(&api, &ctx).await.unwrap();
+        assert_eq!(condition(&api, "Ready").0, "True");
+        assert_eq!(api.get(POOL).unwrap()["status"]["decodeReplicas"], "2/2");
+    }
+
+    #[tokio::test]
+    async fn a_refused_child_is_an_event_and_a_ready_condition_with_the_reason() {
+        let api = FakeApi::default();
+        let ctx = context(&api);
+        put_pool(&api, json!({"model": {}, "prefill": {}, "decode": {}}), 1);
+        api.refuse(
+            Method::PATCH,
+            "/deployments/chat-decode",
+            403,
+            "exceeded quota: gpus, requested: nvidia.com/gpu=1",
+        );
+        let e = reconcile_once(&api, &ctx).await.unwrap_err();
+        assert_eq!(e.metric_label(), "apply");
+        let (status, reason, message) = condition(&api, "Ready");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "ApplyFailed"));
+        assert!(
+            message.contains("Deployment chat-decode") && message.contains("exceeded quota"),
+            "{message}"
+        );
+        assert!(event_reasons(&api).contains(&"ApplyFailed".to_string()));
+        let tried = api
+            .requests()
+            .iter()
+            .filter(|(m, p)| *m == Method::PATCH && p.ends_with("/deployments/chat-decode"))
+            .count();
+        assert_eq!(tried, 1);
+    }
 }

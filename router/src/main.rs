@@ -12,6 +12,7 @@ mod tokenizer;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use clap::Parser;
@@ -33,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse().args;
-    let pool = Arc::new(pool::Pool::new(args.max_inflight_per_worker));
+    let pool = Arc::new(pool::Pool::new(args.max_inflight_per_worker, args.mode));
     let workers: Vec<pool::WorkerAddr> = args
         .static_workers()
         .into_iter()
@@ -41,19 +42,34 @@ async fn main() -> anyhow::Result<()> {
             addr,
             role,
             domain: String::new(),
+            node: None,
         })
         .collect();
     if let Some(name) = &args.discover_pool {
         let client = kube::Client::try_default().await?;
+        let namespace = args
+            .discover_namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let target = discovery::Target {
+            pool: name.clone(),
+            mode: args.mode,
+            topology_key: args.topology_key.clone(),
+        };
         tokio::spawn(discovery::watch(
-            client,
-            args.discover_namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name.clone(),
-            args.topology_key.clone(),
+            client.clone(),
+            namespace.clone(),
+            target,
             pool.clone(),
         ));
+        if let Some(map) = &args.topology_map {
+            tokio::spawn(discovery::follow_topology_map(
+                client,
+                namespace,
+                map.clone(),
+                pool.clone(),
+            ));
+        }
     } else if workers.is_empty() {
         anyhow::bail!("no workers: give --prefill and --decode, or --unified, or --discover-pool");
     }
@@ -66,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let pod = args.pod.clone().unwrap_or_else(|| "router".into());
     let metrics = metrics::RouterMetrics::new(&args.pool, &pod);
     let app = Arc::new(server::App {
-        pool,
+        pool: pool.clone(),
         limits: api::ModelLimits {
             name: args.model_name,
             vocab_size: args.vocab_size,
@@ -75,12 +91,34 @@ async fn main() -> anyhow::Result<()> {
         metrics: metrics.clone(),
         max_retries: args.max_retries,
     });
-    let routes = axum::Router::new()
+    let metrics_routes =
+        axum::Router::new().route("/metrics", get(move || async move { metrics.encode() }));
+    let mut routes = axum::Router::new()
         .route("/v1/completions", post(server::completions))
         .route("/v1/models", get(server::models))
-        .route("/metrics", get(move || async move { metrics.encode() }))
         .route("/healthz", get(|| async { "ok" }))
+        // Ready once a healthy worker of every role the pool needs is there.
+        .route(
+            "/readyz",
+            get(move || async move {
+                if pool.serving() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no healthy worker of every role yet",
+                    )
+                }
+            }),
+        )
         .with_state(app);
+    match args.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tokio::spawn(async move { axum::serve(listener, metrics_routes).await });
+        }
+        None => routes = routes.merge(metrics_routes),
+    }
     // Tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm holds them back.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await?

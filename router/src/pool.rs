@@ -2,23 +2,24 @@
 //! choice of prefill worker (prefix-cache affinity balanced by load) and decode worker (free KV,
 //! same topology domain first).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use pdfleet_api::proto::worker_client::WorkerClient;
 use pdfleet_api::proto::{StatusRequest, WorkerStatus};
-use pdfleet_api::Role;
+use pdfleet_api::{PoolMode, Role};
 use tonic::transport::Channel;
 
-/// A worker as discovery (or the command line) names it: its gRPC address, role and the
-/// topology domain it was placed in ("" when unknown).
+/// A worker as discovery (or the command line) names it: its gRPC address, role, the topology
+/// domain it was placed in ("" when unknown) and its node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerAddr {
     pub addr: String,
     pub role: Role,
     pub domain: String,
+    pub node: Option<String>,
 }
 
 /// Prefix hashes a worker was recently sent, oldest dropped first.
@@ -52,6 +53,7 @@ pub struct WorkerEntry {
     pub role: Role,
     /// Where discovery placed it (its node or zone); the worker's own report wins when it has one.
     placed_domain: String,
+    node: Option<String>,
     pub client: WorkerClient<Channel>,
     status: Mutex<Option<WorkerStatus>>,
     healthy: AtomicBool,
@@ -60,7 +62,8 @@ pub struct WorkerEntry {
 }
 
 impl WorkerEntry {
-    fn new(addr: &str, role: Role, placed_domain: &str) -> anyhow::Result<Self> {
+    fn new(w: &WorkerAddr) -> anyhow::Result<Self> {
+        let (addr, role, placed_domain) = (w.addr.as_str(), w.role, w.domain.as_str());
         let channel = Channel::from_shared(addr.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
@@ -68,6 +71,7 @@ impl WorkerEntry {
             addr: addr.to_string(),
             role,
             placed_domain: placed_domain.to_string(),
+            node: w.node.clone(),
             client: WorkerClient::new(channel)
                 .max_decoding_message_size(pdfleet_api::MAX_MESSAGE_BYTES),
             status: Mutex::new(None),
@@ -80,7 +84,8 @@ impl WorkerEntry {
         })
     }
 
-    pub fn domain(&self) -> String {
+    /// The domain the worker reports itself, else where discovery placed it.
+    fn own_domain(&self) -> String {
         let reported = self
             .status
             .lock()
@@ -144,22 +149,40 @@ pub enum PickError {
     AllBusy(Role),
 }
 
-pub enum Mode {
-    Disaggregated,
-    Unified,
-}
-
 pub struct Pool {
     workers: RwLock<Vec<Arc<WorkerEntry>>>,
     pub max_inflight_per_worker: usize,
+    /// The pool's mode when configured; else read from the workers there are.
+    mode: Option<PoolMode>,
+    /// Node name to topology domain, from the operator's topology map.
+    node_domains: RwLock<BTreeMap<String, String>>,
 }
 
 impl Pool {
-    pub fn new(max_inflight_per_worker: usize) -> Self {
+    pub fn new(max_inflight_per_worker: usize, mode: Option<PoolMode>) -> Self {
         Pool {
             workers: RwLock::new(Vec::new()),
             max_inflight_per_worker,
+            mode,
+            node_domains: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    pub fn set_node_domains(&self, map: BTreeMap<String, String>) {
+        *self.node_domains.write().expect("lock") = map;
+    }
+
+    /// A worker's topology domain: its own report, else where discovery placed it, else its
+    /// node's domain in the topology map ("" when unknown).
+    pub fn domain_of(&self, w: &WorkerEntry) -> String {
+        let own = w.own_domain();
+        if !own.is_empty() {
+            return own;
+        }
+        w.node
+            .as_ref()
+            .and_then(|n| self.node_domains.read().expect("lock").get(n).cloned())
+            .unwrap_or_default()
     }
 
     /// Replaces the worker list, keeping the state of workers that stay.
@@ -172,7 +195,7 @@ impl Pool {
                 .find(|e| e.addr == w.addr && e.role == w.role && e.placed_domain == w.domain)
             {
                 Some(e) => next.push(e.clone()),
-                None => next.push(Arc::new(WorkerEntry::new(&w.addr, w.role, &w.domain)?)),
+                None => next.push(Arc::new(WorkerEntry::new(w)?)),
             }
         }
         *workers = next;
@@ -183,13 +206,25 @@ impl Pool {
         self.workers.read().expect("lock").clone()
     }
 
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> PoolMode {
+        if let Some(m) = self.mode {
+            return m;
+        }
         let ws = self.workers();
         if ws.iter().any(|w| w.role == Role::Prefill) && ws.iter().any(|w| w.role == Role::Decode) {
-            Mode::Disaggregated
+            PoolMode::Disaggregated
         } else {
-            Mode::Unified
+            PoolMode::Colocated
         }
+    }
+
+    /// Whether every role the pool's mode needs has a healthy worker (the router's readiness).
+    pub fn serving(&self) -> bool {
+        let ws = self.workers();
+        self.mode()
+            .roles()
+            .iter()
+            .all(|&r| ws.iter().any(|w| w.role == r && w.healthy()))
     }
 
     /// The block size the workers report (they hash prompts into blocks of this many tokens).
@@ -295,7 +330,7 @@ impl Pool {
         let candidates = self.candidates(Role::Decode, exclude)?;
         let key = |w: &Arc<WorkerEntry>| {
             (
-                !domain.is_empty() && w.domain() == domain,
+                !domain.is_empty() && self.domain_of(w) == domain,
                 w.free_blocks() - w.inflight() as i64,
             )
         };
@@ -311,13 +346,14 @@ mod tests {
     use super::*;
 
     fn pool(list: &[(&str, Role)]) -> Pool {
-        let p = Pool::new(2);
+        let p = Pool::new(2, None);
         let list: Vec<_> = list
             .iter()
             .map(|(a, r)| WorkerAddr {
                 addr: a.to_string(),
                 role: *r,
                 domain: String::new(),
+                node: Some(format!("node-{a}")),
             })
             .collect();
         p.set_workers(&list).unwrap();
@@ -375,6 +411,23 @@ mod tests {
                 .addr,
             "http://x:1"
         );
+    }
+
+    #[tokio::test]
+    async fn any_topology_keys_domains_come_from_the_operators_map() {
+        let p = pool(&[("http://x:1", Role::Decode), ("http://y:1", Role::Decode)]);
+        // The workers report no domain; the map places them by node.
+        set_status(&p, "http://x:1", "", 0);
+        set_status(&p, "http://y:1", "", 10);
+        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().addr, "http://x:1");
+        p.set_node_domains(
+            [
+                ("node-http://x:1".to_string(), "rack-1".to_string()),
+                ("node-http://y:1".to_string(), "rack-7".to_string()),
+            ]
+            .into(),
+        );
+        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().addr, "http://y:1");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use pdfleet_api::proto::{
     self, AttachRequest, CancelKvRequest, GenerateRequest, Party, PrefillRequest, SamplingParams,
     TokenBatch,
 };
-use pdfleet_api::{FinishReason, RequestId, Role};
+use pdfleet_api::{FinishReason, PoolMode, RequestId, Role};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,7 +27,7 @@ use tonic::{Code, Status};
 
 use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
 use crate::metrics::RouterMetrics;
-use crate::pool::{InflightGuard, Mode, PickError, Pool};
+use crate::pool::{InflightGuard, PickError, Pool};
 use crate::tokenizer;
 
 pub struct App {
@@ -250,7 +250,10 @@ async fn run_disaggregated(
                 return;
             }
         };
-        let decode = match app.pool.pick_decode(&prefill.domain(), &tried_decode) {
+        let decode = match app
+            .pool
+            .pick_decode(&app.pool.domain_of(&prefill), &tried_decode)
+        {
             Ok(w) => w,
             Err(e) => {
                 let refused = no_worker_left(e, last_refusal.as_ref());
@@ -401,8 +404,8 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
         let app = app.clone();
         let req = req.clone();
         Generation(match app.pool.mode() {
-            Mode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx)),
-            Mode::Unified => tokio::spawn(run_unified(app, req, id, tx)),
+            PoolMode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx)),
+            PoolMode::Colocated => tokio::spawn(run_unified(app, req, id, tx)),
         })
     };
     let mut timing = Timing {
