@@ -8,6 +8,7 @@ pub mod failure;
 pub mod labels;
 pub mod metrics;
 pub mod prefix;
+pub mod profile;
 pub mod request_id;
 pub mod rng;
 mod types;

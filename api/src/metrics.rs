@@ -59,11 +59,15 @@ pub fn count(histogram: &str) -> String {
     format!("{histogram}_count")
 }
 
-/// Latency buckets from 1 ms to 60 s, for every latency histogram (the autoscaler's quantiles
-/// are only as fine as these).
+/// Latency buckets from 1 ms to 60 s, for every latency histogram. The planner reads its
+/// quantiles from them, and `histogram_quantile` interpolates linearly inside a bucket: they
+/// are about 25-50% apart wherever an SLO target may lie, so a quantile read back is off by
+/// less than that.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1,
+        0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0,
+        20.0, 30.0, 60.0,
     ]
 }
 

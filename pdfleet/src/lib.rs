@@ -4,3 +4,4 @@
 pub mod experiment;
 pub mod fleet;
 pub mod load;
+pub mod simulate;

@@ -57,6 +57,10 @@ enum Command {
     /// Colocated against disaggregated serving, with and without chunked prefill, under the
     /// same load on the same cores; writes CSVs and a summary to --out
     Experiment(pdfleet::experiment::ExperimentArgs),
+    /// The SLO planner against the policies it replaces and a hindsight oracle, on a trace or a
+    /// generated load, through a simulated fleet with measured costs; prints the table, writes
+    /// JSON and a timeline plot
+    Simulate(pdfleet::simulate::SimulateArgs),
 }
 
 async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
@@ -151,6 +155,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Local(args) => local(args).await,
         Command::Load(args) => load::run_cli(args).await,
+        Command::Simulate(args) => {
+            pdfleet::simulate::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Experiment(args) => {
             pdfleet::experiment::run(args).await?;
             Ok(ExitCode::SUCCESS)

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod calibrate;
 pub mod config;
 pub mod engine;
 pub mod kv_cache;

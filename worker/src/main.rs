@@ -45,6 +45,25 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f32,
     },
+    /// Measures the engine's serving costs through the scheduler (prefill tokens/s; a decode
+    /// step's time by batch and KV) and prints them as the JSON `pdfleet simulate --profile`
+    /// reads.
+    Calibrate {
+        #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+        backend: BackendKind,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 4096)]
+        num_blocks: usize,
+        #[arg(long, default_value_t = 512)]
+        chunk_size: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_batch_tokens: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,96")]
+        batches: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        contexts: Vec<usize>,
+    },
     /// Reproduces the primer's measurements (no cache vs KV cache, prefill, decode) and a sweep.
     Bench {
         #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
@@ -125,6 +144,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(",")
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Calibrate {
+            backend,
+            model,
+            num_blocks,
+            chunk_size,
+            max_batch_tokens,
+            batches,
+            contexts,
+        } => {
+            let profile = pdfleet_worker::calibrate::calibrate(
+                &pdfleet_worker::calibrate::CalibrateConfig {
+                    backend,
+                    model: ModelConfig::from(&model),
+                    weights_seed: model.weights_seed.unwrap_or(1),
+                    block_size: 16,
+                    num_blocks,
+                    chunk_size,
+                    max_batch_tokens,
+                    batches,
+                    contexts,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&profile)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckVectors {
