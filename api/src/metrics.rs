@@ -33,6 +33,22 @@ pub mod worker {
     pub const KV_TRANSFER_BYTES: &str = "pdfleet_worker_kv_transfer_bytes_total";
     pub const KV_TRANSFER_SECONDS: &str = "pdfleet_worker_kv_transfer_seconds";
     pub const KV_DEVICE_COPY_SECONDS: &str = "pdfleet_worker_kv_device_copy_seconds";
+    /// Label `reason`: `queue_full` (a new request), `kv_full` (a KV import or reservation).
+    pub const REFUSALS: &str = "pdfleet_worker_refusals_total";
+    /// Prompt tokens not yet computed, queued or part-way through a chunked prefill: the
+    /// prefill backlog the planner clears.
+    pub const QUEUED_PROMPT_TOKENS: &str = "pdfleet_worker_queued_prompt_tokens";
+    /// Prompt tokens computed, and the engine seconds of the steps that computed them: their
+    /// ratio is a replica's prefill capacity, measured.
+    pub const PREFILL_TOKENS: &str = "pdfleet_worker_prefill_tokens_total";
+    pub const PREFILL_BUSY_SECONDS: &str = "pdfleet_worker_prefill_busy_seconds_total";
+    /// Sums over decode-only steps (batch = sequences in the step, seconds = its time): enough
+    /// for the planner to fit step time = a + b x batch by least squares from Prometheus.
+    pub const DECODE_STEPS: &str = "pdfleet_worker_decode_steps_total";
+    pub const DECODE_STEP_BATCH: &str = "pdfleet_worker_decode_step_batch_total";
+    pub const DECODE_STEP_SECONDS: &str = "pdfleet_worker_decode_step_seconds_total";
+    pub const DECODE_STEP_BATCH_SQUARED: &str = "pdfleet_worker_decode_step_batch_squared_total";
+    pub const DECODE_STEP_BATCH_SECONDS: &str = "pdfleet_worker_decode_step_batch_seconds_total";
 }
 
 /// Router metrics.
@@ -46,6 +62,46 @@ pub mod router {
     /// Label `role`: the role of the worker that was replaced.
     pub const RETRIES: &str = "pdfleet_router_retries_total";
     pub const INFLIGHT: &str = "pdfleet_router_inflight_requests";
+    /// Counted on arrival, refused ones included: demand, whether or not it was served.
+    pub const ARRIVALS: &str = "pdfleet_router_arrivals_total";
+    pub const PROMPT_TOKENS: &str = "pdfleet_router_prompt_tokens_total";
+    /// The `max_tokens` asked for on arrival: the decode demand known before it is generated.
+    pub const REQUESTED_TOKENS: &str = "pdfleet_router_requested_tokens_total";
+    pub const GENERATED_TOKENS: &str = "pdfleet_router_generated_tokens_total";
+    /// Label `part`: where a disaggregated request's time to first token went ([`TtftPart`]).
+    pub const TTFT_PART: &str = "pdfleet_router_ttft_part_seconds";
+}
+
+/// The parts of a disaggregated time to first token: so the role that causes a breach is the
+/// one that grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TtftPart {
+    /// In the prefill worker's queue.
+    Queue,
+    /// Computing the prompt.
+    Prefill,
+    /// Moving the KV to the decode worker.
+    Transfer,
+    /// The rest: finding a decode worker with room, retries, the network.
+    Admission,
+}
+
+impl TtftPart {
+    pub const ALL: [TtftPart; 4] = [
+        TtftPart::Queue,
+        TtftPart::Prefill,
+        TtftPart::Transfer,
+        TtftPart::Admission,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TtftPart::Queue => "queue",
+            TtftPart::Prefill => "prefill",
+            TtftPart::Transfer => "transfer",
+            TtftPart::Admission => "admission",
+        }
+    }
 }
 
 /// The series of a histogram.

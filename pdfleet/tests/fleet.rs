@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use pdfleet::fleet::{terminate, Fleet};
-use pdfleet_api::metrics::{sum_in_text, worker};
+use pdfleet_api::metrics::{router, sum, sum_in_text, worker};
 use pdfleet_api::{BackendKind, KvTransport, PoolMode as Mode};
 use pdfleet_worker::backend;
 use pdfleet_worker::weights::Weights;
@@ -303,4 +303,93 @@ async fn on_a_gpu_kv_moves_device_to_device_and_tokens_stay_the_engines() {
     );
     assert_eq!(kv_bytes_sent(&fleet, KvTransport::Grpc).await, 0.0);
     fleet.stop();
+}
+
+async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The router's and the first prefill and decode workers' metrics, as text.
+async fn scrape_fleet(fleet: &Fleet) -> [String; 3] {
+    let worker = |prefix: &str| {
+        let w = fleet
+            .workers
+            .iter()
+            .find(|w| w.name.starts_with(prefix))
+            .unwrap();
+        w.http.clone().unwrap()
+    };
+    [
+        scrape(&fleet.url).await,
+        scrape(&worker("prefill")).await,
+        scrape(&worker("decode")).await,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_planners_signals_add_up_to_the_requests_served() {
+    let ps = prompts();
+    let max_tokens = 7;
+    let fleet = start(Mode::Disaggregated, &[], &[]).await;
+    let before = scrape_fleet(&fleet).await;
+    for p in &ps {
+        let (status, body) =
+            complete(&fleet.url, json!({"prompt": p, "max_tokens": max_tokens})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let after = scrape_fleet(&fleet).await;
+    // What one process's series grew by over the requests.
+    let grew = |who: usize, name: &str, labels: &[&str]| {
+        sum_in_text(&after[who], name, labels) - sum_in_text(&before[who], name, labels)
+    };
+    let (router_, prefill, decode) = (0, 1, 2);
+    let n = ps.len() as f64;
+    let prompt_tokens: usize = ps.iter().map(Vec::len).sum();
+    assert_eq!(grew(router_, router::ARRIVALS, &[]), n);
+    assert_eq!(
+        grew(router_, router::PROMPT_TOKENS, &[]),
+        prompt_tokens as f64
+    );
+    let tokens = n * max_tokens as f64;
+    assert_eq!(grew(router_, router::REQUESTED_TOKENS, &[]), tokens);
+    assert_eq!(grew(router_, router::GENERATED_TOKENS, &[]), tokens);
+    // Every request's time to first token is split into four parts that add up to it.
+    let parts: f64 = ["queue", "prefill", "transfer", "admission"]
+        .iter()
+        .map(|part| {
+            let label = format!("part=\"{part}\"");
+            let count = grew(router_, &format!("{}_count", router::TTFT_PART), &[&label]);
+            assert_eq!(count, n, "{part}");
+            grew(router_, &sum(router::TTFT_PART), &[&label])
+        })
+        .sum();
+    let ttft = grew(router_, &sum(router::TTFT), &[]);
+    assert!(
+        parts <= ttft + 1e-6 && parts > 0.5 * ttft,
+        "parts {parts} s of {ttft} s"
+    );
+    // Prefill computed the prompts (less what the prefix cache had) in measured busy time.
+    let computed = grew(prefill, worker::PREFILL_TOKENS, &[]);
+    assert!(
+        computed > 0.0 && computed <= prompt_tokens as f64,
+        "{computed}"
+    );
+    assert!(grew(prefill, worker::PREFILL_BUSY_SECONDS, &[]) > 0.0);
+    assert_eq!(
+        sum_in_text(&after[prefill], worker::QUEUED_PROMPT_TOKENS, &[]),
+        0.0
+    );
+    // Decode made every token after the first, in steps without prompt tokens.
+    let batch = grew(decode, worker::DECODE_STEP_BATCH, &[]);
+    assert_eq!(batch, n * (max_tokens - 1) as f64);
+    let steps = grew(decode, worker::DECODE_STEPS, &[]);
+    let squared = grew(decode, worker::DECODE_STEP_BATCH_SQUARED, &[]);
+    assert!(steps > 0.0 && squared >= batch * batch / steps - 1e-9);
+    assert!(grew(decode, worker::DECODE_STEP_SECONDS, &[]) > 0.0);
+    assert_eq!(grew(decode, worker::PREFILL_TOKENS, &[]), 0.0);
 }

@@ -220,10 +220,7 @@ impl Planner {
             clear_s: self.cfg.backlog_clear_s,
         });
         let decode_role = s.decode.as_ref().unwrap_or(&s.prefill);
-        let kv_per_replica = decode_role
-            .kv_blocks_per_replica
-            .map(|b| b * 16.0)
-            .unwrap_or(0.0);
+        let kv_per_replica = decode_role.kv_tokens_per_replica.unwrap_or(0.0);
         let decode_demand = self.step_model(colocated).map(|step| DecodeDemand {
             requests_per_s: demand.requests_per_s,
             mean_output_tokens: mean_output,
@@ -231,7 +228,7 @@ impl Planner {
             itl_target_s: self.cfg.itl_target_s,
             kv_tokens_per_sequence: mean_prompt + mean_output / 2.0,
             kv_tokens_per_replica: kv_per_replica,
-            kv_tokens_used: decode_role.kv_blocks_used.unwrap_or(0.0) * 16.0,
+            kv_tokens_used: decode_role.kv_tokens_used.unwrap_or(0.0),
         });
         let bottleneck = s.ttft_parts.map(|p| {
             if p.decode_bound() {

@@ -198,7 +198,7 @@ impl Policy for Hpa {
             self.cfg.prefill,
         );
         let decode = s.decode.as_ref().map(|d| {
-            let kv = match (d.kv_blocks_used, d.kv_blocks_per_replica) {
+            let kv = match (d.kv_tokens_used, d.kv_tokens_per_replica) {
                 (Some(u), Some(t)) if t > 0.0 => Some(u / (t * d.desired.max(1) as f64)),
                 _ => None,
             };
@@ -259,7 +259,7 @@ impl Policy for Load {
             .map(|t| t / self.mean_prompt / s.prefill.desired.max(1) as f64);
         let prefill = threshold(s.prefill.desired, queue, 5.0, 0.2, self.cfg.prefill);
         let decode = s.decode.as_ref().map(|d| {
-            let kv = match (d.kv_blocks_used, d.kv_blocks_per_replica) {
+            let kv = match (d.kv_tokens_used, d.kv_tokens_per_replica) {
                 (Some(u), Some(t)) if t > 0.0 => Some(u / (t * d.desired.max(1) as f64)),
                 _ => None,
             };

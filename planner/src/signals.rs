@@ -76,9 +76,9 @@ pub struct RoleSignals {
     /// The role's engine steps over the window, as sums: enough to fit step time against
     /// batch by least squares.
     pub steps: Option<StepSums>,
-    /// KV cache blocks in use, in all, and each replica's total.
-    pub kv_blocks_used: Option<f64>,
-    pub kv_blocks_per_replica: Option<f64>,
+    /// KV cache tokens in use, in all, and each replica's capacity (blocks times block size).
+    pub kv_tokens_used: Option<f64>,
+    pub kv_tokens_per_replica: Option<f64>,
     /// Refusals per second for lack of room (queue full, KV full).
     pub refusals_per_s: Option<f64>,
 }

@@ -2,8 +2,10 @@
 //! Names are the contract crate's ([`pdfleet_api::metrics::router`]).
 
 use pdfleet_api::labels;
-use pdfleet_api::metrics::{self, latency_buckets, router as names};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use pdfleet_api::metrics::{self, latency_buckets, router as names, TtftPart};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct RouterMetrics {
@@ -15,6 +17,19 @@ pub struct RouterMetrics {
     pub inflight: IntGauge,
     pub kv_transfer_seconds: Histogram,
     pub retries: IntCounterVec,
+    pub arrivals: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub requested_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    ttft_parts: HistogramVec,
+}
+
+/// Where one disaggregated request's time to first token went, in seconds.
+pub struct TtftSplit {
+    pub queue: f64,
+    pub prefill: f64,
+    pub transfer: f64,
+    pub admission: f64,
 }
 
 impl RouterMetrics {
@@ -35,6 +50,25 @@ impl RouterMetrics {
                 .expect("unique metric");
             c
         };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let ttft_parts = HistogramVec::new(
+            HistogramOpts::new(
+                names::TTFT_PART,
+                "Where the time to first token went: queue, prefill, transfer, admission",
+            )
+            .buckets(latency_buckets()),
+            &["part"],
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(ttft_parts.clone()))
+            .expect("unique metric");
         let inflight =
             IntGauge::new(names::INFLIGHT, "Requests being served").expect("valid gauge");
         registry
@@ -54,8 +88,33 @@ impl RouterMetrics {
                 "Requests sent again to another worker, by the role replaced",
                 "role",
             ),
+            arrivals: counter(
+                names::ARRIVALS,
+                "Valid requests, on arrival (refused included)",
+            ),
+            prompt_tokens: counter(names::PROMPT_TOKENS, "Prompt tokens of arriving requests"),
+            requested_tokens: counter(
+                names::REQUESTED_TOKENS,
+                "max_tokens asked for by arriving requests",
+            ),
+            generated_tokens: counter(names::GENERATED_TOKENS, "Tokens sent to clients"),
+            ttft_parts,
             inflight,
             registry,
+        }
+    }
+
+    pub fn ttft_split(&self, split: &TtftSplit) {
+        for part in TtftPart::ALL {
+            let v = match part {
+                TtftPart::Queue => split.queue,
+                TtftPart::Prefill => split.prefill,
+                TtftPart::Transfer => split.transfer,
+                TtftPart::Admission => split.admission,
+            };
+            self.ttft_parts
+                .with_label_values(&[part.as_str()])
+                .observe(v.max(0.0));
         }
     }
 

@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
-use crate::metrics::RouterMetrics;
+use crate::metrics::{RouterMetrics, TtftSplit};
 use crate::pool::{InflightGuard, PickError, Pool};
 use crate::tokenizer;
 
@@ -233,6 +233,7 @@ async fn run_disaggregated(
     req: CompletionRequest,
     mut id: RequestId,
     tx: mpsc::Sender<GenEvent>,
+    start: Instant,
 ) {
     let hashes = prefix_hashes(&req.prompt, app.pool.block_size());
     let mut tried_prefill = Vec::new();
@@ -311,6 +312,15 @@ async fn run_disaggregated(
             .kv_transfer_seconds
             .observe(first.transfer_seconds);
     }
+    // The worker timed its queue, its prefill and the move; the rest of the wait was for a
+    // decode worker with room (retries included) and the network.
+    let worker_s = first.prefill_seconds + first.transfer_seconds;
+    app.metrics.ttft_split(&TtftSplit {
+        queue: first.queue_seconds,
+        prefill: first.prefill_seconds - first.queue_seconds,
+        transfer: first.transfer_seconds,
+        admission: start.elapsed().as_secs_f64() - worker_s,
+    });
     if tx.send(GenEvent::Token(first.first_token)).await.is_err() {
         return;
     }
@@ -366,6 +376,7 @@ impl Timing {
             None => self.metrics.ttft.observe((now - self.start).as_secs_f64()),
             Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
         }
+        self.metrics.generated_tokens.inc();
         self.last = Some(now);
     }
 
@@ -394,6 +405,9 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
             return e.into_response();
         }
     };
+    app.metrics.arrivals.inc();
+    app.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+    app.metrics.requested_tokens.inc_by(req.max_tokens as u64);
     app.metrics.inflight.inc();
     let inflight = InflightMetric(app.metrics.clone());
     let id = RequestId::random();
@@ -404,7 +418,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
         let app = app.clone();
         let req = req.clone();
         Generation(match app.pool.mode() {
-            PoolMode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx)),
+            PoolMode::Disaggregated => tokio::spawn(run_disaggregated(app, req, id, tx, start)),
             PoolMode::Colocated => tokio::spawn(run_unified(app, req, id, tx)),
         })
     };

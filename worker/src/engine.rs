@@ -71,6 +71,8 @@ pub struct StepOutput {
     pub decode_tokens: usize,
     pub preempted: usize,
     pub seconds: f64,
+    /// Sequences that left the queue for the batch this step (their wait ends here).
+    pub admitted: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -200,6 +202,22 @@ impl Engine {
 
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Prompt tokens still to compute: the whole of every queued sequence's, and the rest of
+    /// those part-way through a chunked prefill.
+    pub fn queued_prompt_tokens(&self) -> usize {
+        let queued: usize = self
+            .waiting
+            .iter()
+            .map(|s| s.tokens.len() - s.computed)
+            .sum();
+        let started: usize = self
+            .running
+            .iter()
+            .map(|s| s.prompt_len.saturating_sub(s.computed))
+            .sum();
+        queued + started
     }
 
     pub fn num_running(&self) -> usize {
@@ -505,11 +523,12 @@ impl Engine {
     }
 
     /// Picks this step's work: `(running index, tokens to compute)`.
-    fn schedule(&mut self) -> (Vec<(usize, usize)>, usize) {
+    fn schedule(&mut self) -> (Vec<(usize, usize)>, usize, Vec<u64>) {
         let bs = self.blocks.block_size();
         let mut budget = self.sched.max_batch_tokens;
         let mut plan = Vec::new();
         let mut preempted = 0;
+        let mut admitted = Vec::new();
         let mut i = 0;
         // Running sequences first, oldest first: decodes and unfinished prefills.
         while i < self.running.len() {
@@ -566,19 +585,21 @@ impl Engine {
                 seq.blocks
                     .push(self.blocks.allocate().expect("availability checked"));
             }
+            admitted.push(seq.id);
             self.running.push(seq);
             plan.push((self.running.len() - 1, n));
             budget -= n;
         }
-        (plan, preempted)
+        (plan, preempted, admitted)
     }
 
     /// Runs one iteration: schedules, computes, samples, and retires finished sequences.
     pub fn step(&mut self) -> Result<StepOutput, EngineError> {
         let start = Instant::now();
-        let (plan, preempted) = self.schedule();
+        let (plan, preempted, admitted) = self.schedule();
         let mut out = StepOutput {
             preempted,
+            admitted,
             ..Default::default()
         };
         if plan.is_empty() {

@@ -230,7 +230,7 @@ impl World {
                     match e {
                         SeqEvent::Token(t) => r.first_token = Some(t),
                         SeqEvent::Held => r.held = true,
-                        SeqEvent::Finished(_) => {}
+                        SeqEvent::Finished(_) | SeqEvent::Admitted => {}
                     }
                 }
             }

@@ -262,3 +262,34 @@ fn hostile_imports_are_refused_and_free_their_blocks() {
     assert_eq!(n, 3, "the first token came with the import");
     e.check_block_accounting([]).unwrap();
 }
+
+#[test]
+fn the_prompt_backlog_counts_what_is_left_and_admissions_are_reported_once() {
+    let c = ModelConfig::default();
+    // Chunks of 8, 16 tokens a step, two sequences at a time.
+    let mut e = engine(BackendKind::Cpu, &c, 64, 4, sched(16, 8, 2));
+    let prompts = [20usize, 12, 5];
+    for (i, &n) in prompts.iter().enumerate() {
+        e.add_request(i as u64, tokens(i as u64, n, 100), greedy(3))
+            .unwrap();
+    }
+    assert_eq!(e.queued_prompt_tokens(), 37);
+    let mut admitted = Vec::new();
+    let mut computed = 0;
+    while e.has_work() {
+        let before = e.queued_prompt_tokens();
+        let out = e.step().unwrap();
+        admitted.extend(out.admitted.iter().copied());
+        computed += out.prefill_tokens;
+        // What a step computes of prompts leaves the backlog.
+        assert_eq!(before - e.queued_prompt_tokens(), out.prefill_tokens);
+    }
+    assert_eq!(computed, 37);
+    admitted.sort_unstable();
+    assert_eq!(
+        admitted,
+        vec![0, 1, 2],
+        "each sequence leaves the queue once"
+    );
+    assert_eq!(e.queued_prompt_tokens(), 0);
+}

@@ -274,7 +274,6 @@ impl Scrapes {
             let n = (last.transfer.count - first.transfer.count) as f64;
             (n > 0.0).then(|| (last.transfer.sum - first.transfer.sum) / n)
         });
-        let blocks_per_replica = self.kv_tokens_per_replica / 16.0;
         Signals {
             now_s: now,
             demand,
@@ -294,8 +293,8 @@ impl Scrapes {
                 rolling: false,
                 running: Some(last.running),
                 steps,
-                kv_blocks_used: Some(last.kv_used_tokens / 16.0),
-                kv_blocks_per_replica: Some(blocks_per_replica),
+                kv_tokens_used: Some(last.kv_used_tokens),
+                kv_tokens_per_replica: Some(self.kv_tokens_per_replica),
                 refusals_per_s: rate(|e| e.decode_refusals),
                 ..Default::default()
             }),

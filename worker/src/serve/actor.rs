@@ -342,6 +342,10 @@ impl Actor {
                 reply,
             } => {
                 let result = if engine.num_waiting() >= self.limits.max_waiting {
+                    self.metrics
+                        .refusals
+                        .with_label_values(&["queue_full"])
+                        .inc();
                     Err(EngineError::NoRoom(format!(
                         "queue full: {} requests waiting",
                         engine.num_waiting()
@@ -366,7 +370,11 @@ impl Actor {
                 writer,
                 reply,
             } => {
-                let _ = reply.send(table.reserve(engine, id, blocks, writer, now));
+                let result = table.reserve(engine, id, blocks, writer, now);
+                if let Err(EngineError::NoRoom(_)) = result {
+                    self.metrics.refusals.with_label_values(&["kv_full"]).inc();
+                }
+                let _ = reply.send(result);
             }
             Command::Touch(id) => table.touch(id, now),
             Command::Commit {
@@ -449,9 +457,13 @@ impl Actor {
         };
         self.failed_steps = 0;
         let m = &self.metrics;
-        m.step_seconds.observe(out.seconds);
-        m.batch_tokens
-            .observe((out.prefill_tokens + out.decode_tokens) as f64);
+        if out.prefill_tokens + out.decode_tokens > 0 {
+            m.step_seconds.observe(out.seconds);
+            m.batch_tokens
+                .observe((out.prefill_tokens + out.decode_tokens) as f64);
+            m.steps
+                .step(out.prefill_tokens, out.decode_tokens, out.seconds);
+        }
         let prefix = self.engine.prefix_stats();
         m.prefix_queries
             .inc_by(prefix.queries - prefix_before.queries);
@@ -466,6 +478,8 @@ impl Actor {
         m.running.set(self.engine.num_running() as i64);
         m.waiting.set(self.engine.num_waiting() as i64);
         m.blocks_used.set(self.engine.blocks_used() as i64);
+        m.queued_prompt_tokens
+            .set(self.engine.queued_prompt_tokens() as i64);
         m.blocks_total.set(self.engine.blocks_total() as i64);
         m.handoff_counts(&self.table.handoffs());
     }

@@ -127,7 +127,7 @@ pub fn token_stream(rx: mpsc::UnboundedReceiver<SeqEvent>, guard: CancelOnDrop) 
                 tokens: vec![],
                 finish_reason: r.to_proto() as i32,
             })),
-            SeqEvent::Held => None,
+            SeqEvent::Held | SeqEvent::Admitted => None,
         })
     });
     Box::pin(stream)

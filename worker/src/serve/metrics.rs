@@ -3,8 +3,8 @@
 
 use pdfleet_api::metrics::{self, latency_buckets, worker as names};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use super::table::{HandoffCounts, Outcome};
@@ -30,6 +30,41 @@ pub struct WorkerMetrics {
     pub kv_transfer_bytes: IntCounterVec,
     pub kv_transfer_seconds: HistogramVec,
     pub kv_device_copy_seconds: Histogram,
+    pub refusals: IntCounterVec,
+    pub queued_prompt_tokens: IntGauge,
+    pub steps: StepCounters,
+}
+
+/// What the planner learns capacity from: prompt tokens per busy second, and decode step time
+/// against batch (as least-squares sums).
+#[derive(Clone)]
+pub struct StepCounters {
+    pub prefill_tokens: IntCounter,
+    pub prefill_busy_seconds: Counter,
+    pub decode_steps: IntCounter,
+    pub decode_batch: IntCounter,
+    pub decode_seconds: Counter,
+    pub decode_batch_squared: IntCounter,
+    pub decode_batch_seconds: Counter,
+}
+
+impl StepCounters {
+    /// One engine step that computed `prefill_tokens` of prompts and `decode_sequences`
+    /// next tokens in `seconds`. Steps with prompt tokens are prefill time; the decode fit takes
+    /// only steps without (a prompt chunk would make a step look slow for its batch).
+    pub fn step(&self, prefill_tokens: usize, decode_sequences: usize, seconds: f64) {
+        if prefill_tokens > 0 {
+            self.prefill_tokens.inc_by(prefill_tokens as u64);
+            self.prefill_busy_seconds.inc_by(seconds);
+        } else if decode_sequences > 0 {
+            let b = decode_sequences as u64;
+            self.decode_steps.inc();
+            self.decode_batch.inc_by(b);
+            self.decode_seconds.inc_by(seconds);
+            self.decode_batch_squared.inc_by(b * b);
+            self.decode_batch_seconds.inc_by(b as f64 * seconds);
+        }
+    }
 }
 
 /// Device-to-device copies take microseconds: finer buckets below the latency ones.
@@ -63,6 +98,35 @@ impl WorkerMetrics {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
             register(Box::new(c.clone()));
             c
+        };
+        let float_counter = |name: &str, help: &str| {
+            let c = Counter::new(name, help).expect("valid counter");
+            register(Box::new(c.clone()));
+            c
+        };
+        let steps = StepCounters {
+            prefill_tokens: counter(names::PREFILL_TOKENS, "Prompt tokens computed"),
+            prefill_busy_seconds: float_counter(
+                names::PREFILL_BUSY_SECONDS,
+                "Engine seconds of the steps that computed prompt tokens",
+            ),
+            decode_steps: counter(names::DECODE_STEPS, "Engine steps with no prompt tokens"),
+            decode_batch: counter(
+                names::DECODE_STEP_BATCH,
+                "Sum over decode steps of the sequences in each",
+            ),
+            decode_seconds: float_counter(
+                names::DECODE_STEP_SECONDS,
+                "Sum over decode steps of their seconds",
+            ),
+            decode_batch_squared: counter(
+                names::DECODE_STEP_BATCH_SQUARED,
+                "Sum over decode steps of the batch squared",
+            ),
+            decode_batch_seconds: float_counter(
+                names::DECODE_STEP_BATCH_SECONDS,
+                "Sum over decode steps of batch times seconds",
+            ),
         };
         let handoffs = IntGaugeVec::new(
             Opts::new(
@@ -143,6 +207,16 @@ impl WorkerMetrics {
                 &["direction", "transport"],
             ),
             kv_transfer_seconds,
+            refusals: counter_vec(
+                names::REFUSALS,
+                "Work refused for lack of room, by reason (queue_full, kv_full)",
+                &["reason"],
+            ),
+            queued_prompt_tokens: gauge(
+                names::QUEUED_PROMPT_TOKENS,
+                "Prompt tokens not yet computed (queued or part-way)",
+            ),
+            steps,
             registry,
         }
     }

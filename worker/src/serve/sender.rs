@@ -102,18 +102,39 @@ enum PrefillEnd {
 }
 
 /// Waits for a held prefill's first token and end.
-async fn prefill_done(
-    rx: &mut mpsc::UnboundedReceiver<SeqEvent>,
-) -> Option<(u32, PrefillEnd, Instant)> {
+/// How a prefill went: its first token, how it ended, when it left the queue and when the
+/// token came.
+struct Prefilled {
+    first_token: u32,
+    end: PrefillEnd,
+    admitted_at: Instant,
+    done_at: Instant,
+}
+
+async fn prefill_done(rx: &mut mpsc::UnboundedReceiver<SeqEvent>) -> Option<Prefilled> {
     let mut first = None;
+    let mut admitted_at = None;
     while let Some(e) = rx.recv().await {
-        match e {
-            SeqEvent::Token(t) => first = Some(t),
-            SeqEvent::Held => return Some((first?, PrefillEnd::Held, Instant::now())),
-            SeqEvent::Finished(r) => {
-                return Some((first?, PrefillEnd::Finished(r), Instant::now()))
+        let end = match e {
+            SeqEvent::Admitted => {
+                // A preempted sequence is admitted again: its wait ended the first time.
+                admitted_at.get_or_insert_with(Instant::now);
+                continue;
             }
-        }
+            SeqEvent::Token(t) => {
+                first = Some(t);
+                continue;
+            }
+            SeqEvent::Held => PrefillEnd::Held,
+            SeqEvent::Finished(r) => PrefillEnd::Finished(r),
+        };
+        let done_at = Instant::now();
+        return Some(Prefilled {
+            first_token: first?,
+            end,
+            admitted_at: admitted_at.unwrap_or(done_at),
+            done_at,
+        });
     }
     None
 }
@@ -356,16 +377,24 @@ pub async fn prefill(svc: &WorkerService, req: PrefillRequest) -> Result<Prefill
         }
         None => (prefill_done(&mut rx).await, None),
     };
-    let Some((first_token, end, prefilled_at)) = done else {
+    let Some(Prefilled {
+        first_token,
+        end,
+        admitted_at,
+        done_at: prefilled_at,
+    }) = done
+    else {
         return Err(Status::internal("the prefill ended without a token"));
     };
     let prefill_seconds = (prefilled_at - start).as_secs_f64();
+    let queue_seconds = (admitted_at - start).as_secs_f64();
     if let PrefillEnd::Finished(reason) = end {
         // Nothing to move; the guard frees any reservation on the decode worker.
         return Ok(PrefillResponse {
             first_token,
             finish_reason: reason.to_proto() as i32,
             prefill_seconds,
+            queue_seconds,
             ..Default::default()
         });
     }
@@ -416,5 +445,6 @@ pub async fn prefill(svc: &WorkerService, req: PrefillRequest) -> Result<Prefill
         kv_bytes,
         transfer_seconds,
         kv_transport: transport.to_proto() as i32,
+        queue_seconds,
     })
 }

@@ -46,6 +46,8 @@ pub enum SeqEvent {
     Finished(FinishReason),
     /// The first token is out and the KV is held for a decode worker (prefill role).
     Held,
+    /// The sequence left the queue for the batch: its wait is over.
+    Admitted,
 }
 
 pub type Events = mpsc::UnboundedSender<SeqEvent>;
@@ -266,6 +268,19 @@ impl RequestTable {
     pub fn apply_step(&mut self, engine: &mut Engine, out: StepOutput, now: Instant) {
         let metrics = self.metrics.clone();
         let mut gone = Vec::new();
+        for seq in &out.admitted {
+            let sub = self
+                .in_batch
+                .get(seq)
+                .and_then(|id| self.entries.get(id))
+                .and_then(|entry| match &entry.state {
+                    State::Running { sub, .. } => Some(sub),
+                    _ => None,
+                });
+            if let Some(sub) = sub {
+                let _ = sub.events.send(SeqEvent::Admitted);
+            }
+        }
         for t in &out.tokens {
             let Some(entry) = self
                 .in_batch
