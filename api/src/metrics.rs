@@ -72,6 +72,25 @@ pub mod router {
     pub const TTFT_PART: &str = "pdfleet_router_ttft_part_seconds";
 }
 
+/// Operator metrics. The planner's carry the labels `namespace`, `pool` and `role`.
+pub mod operator {
+    pub const RECONCILES: &str = "pdfleet_operator_reconciles_total";
+    /// Label `error`.
+    pub const RECONCILE_FAILURES: &str = "pdfleet_operator_reconcile_failures_total";
+    pub const RECONCILE_DURATION: &str = "pdfleet_operator_reconcile_duration_seconds";
+    pub const LEADER: &str = "pdfleet_operator_leader";
+    /// Label `kind`.
+    pub const PRUNED: &str = "pdfleet_operator_pruned_total";
+    /// What the planner recommends for a role, whoever writes its replicas.
+    pub const RECOMMENDED_REPLICAS: &str = "pdfleet_operator_recommended_replicas";
+    /// What the role runs (asked for).
+    pub const DESIRED_REPLICAS: &str = "pdfleet_operator_desired_replicas";
+    /// Label `direction` (up, down) besides the role's: each change of replicas.
+    pub const SCALE_DECISIONS: &str = "pdfleet_operator_scale_decisions_total";
+    /// Label `outcome`: planned, no_data.
+    pub const PLANNER_TICKS: &str = "pdfleet_operator_planner_ticks_total";
+}
+
 /// The parts of a disaggregated time to first token: so the role that causes a breach is the
 /// one that grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

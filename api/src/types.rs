@@ -64,6 +64,7 @@ macro_rules! named {
     Deserialize,
     clap::ValueEnum,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Runs prompts and hands their KV to a decode worker.

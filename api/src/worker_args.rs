@@ -158,6 +158,48 @@ pub struct WorkerArgs {
     /// `panic-at-step:N` or `fail-steps-from:N`.
     #[arg(long, hide = true)]
     pub inject_fault: Option<EngineFault>,
+    /// Test knob: every engine step lasts at least `FIXED+PER_SEQ` milliseconds (FIXED plus
+    /// PER_SEQ per sequence in the step), so that a worker's capacity is known in advance on
+    /// any machine (the autoscaling e2e runs on two cores). Not for production.
+    #[arg(long, value_name = "FIXED+PER_SEQ")]
+    pub pad_step_ms: Option<StepPad>,
+}
+
+/// The least time of an engine step, for tests: `fixed_ms + per_sequence_ms` x sequences.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepPad {
+    pub fixed_ms: f64,
+    pub per_sequence_ms: f64,
+}
+
+impl StepPad {
+    pub fn seconds(&self, sequences: usize) -> f64 {
+        (self.fixed_ms + self.per_sequence_ms * sequences as f64) / 1000.0
+    }
+}
+
+impl std::fmt::Display for StepPad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}+{}", self.fixed_ms, self.per_sequence_ms)
+    }
+}
+
+impl std::str::FromStr for StepPad {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (fixed, per) = s.split_once('+').unwrap_or((s, "0"));
+        let ms = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("{s:?}: expected FIXED+PER_SEQ milliseconds, e.g. 10+5"))
+        };
+        Ok(StepPad {
+            fixed_ms: ms(fixed)?,
+            per_sequence_ms: ms(per)?,
+        })
+    }
 }
 
 /// A fault the engine thread injects into itself (tests only).
@@ -216,6 +258,7 @@ impl WorkerArgs {
             domain: None,
             grace_period_s: 30,
             inject_fault: None,
+            pad_step_ms: None,
         }
     }
 
@@ -244,6 +287,9 @@ impl WorkerArgs {
         a.flag("--grace-period-s", self.grace_period_s);
         if let Some(f) = self.inject_fault {
             a.flag("--inject-fault", f);
+        }
+        if let Some(p) = self.pad_step_ms {
+            a.flag("--pad-step-ms", p);
         }
         a.0
     }
@@ -485,6 +531,10 @@ mod tests {
                 1 => Some(EngineFault::FailStepsFrom(r.below(100))),
                 _ => None,
             };
+            w.pad_step_ms = (r.below(2) == 0).then(|| StepPad {
+                fixed_ms: r.below(50) as f64,
+                per_sequence_ms: r.below(8) as f64 / 2.0,
+            });
             if r.below(2) == 0 {
                 w.pod = Some("pod-1".into());
                 w.domain = Some("zone-b".into());

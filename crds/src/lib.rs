@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.mode != 'Disaggregated' || !has(self.unified)").message("a Disaggregated pool runs prefill and decode workers; remove unified"))]
 #[x_kube(validation = Rule::new("self.mode != 'Colocated' || has(self.unified)").message("a Colocated pool needs unified"))]
 #[x_kube(validation = Rule::new("self.mode != 'Colocated' || (!has(self.prefill) && !has(self.decode))").message("a Colocated pool runs unified workers only; remove prefill and decode"))]
-#[x_kube(validation = Rule::new("!has(self.autoscaling) || !self.autoscaling.enabled || has(self.slo)").message("autoscaling needs slo targets to scale against"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || has(self.slo)").message("autoscaling needs slo targets to scale against"))]
 pub struct InferencePoolSpec {
     pub model: ModelSpec,
     #[serde(default)]
@@ -202,6 +202,15 @@ pub struct EngineSpec {
     /// Send KV to decode workers as f16 (halves the bytes of an f32 cache).
     #[serde(default)]
     pub kv_wire_f16: bool,
+    /// Test knob: every engine step lasts at least `padStepMs` plus `padStepPerSequenceMs`
+    /// per sequence in it, so that capacity is known in advance on any machine (the
+    /// autoscaling e2e uses it). Leave unset in production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub pad_step_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub pad_step_per_sequence_ms: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -287,32 +296,50 @@ fn default_quantile() -> f64 {
     0.99
 }
 
+/// Who writes the roles' replicas.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AutoscalingMode {
+    /// The operator's planner.
+    #[default]
+    Builtin,
+    /// Something else (an HPA, KEDA) through each role's `RoleScale` and its scale subresource;
+    /// the planner only recommends.
+    External,
+}
+
+/// The SLO planner: each role sized from its measured demand and capacity against `slo`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.prometheusUrl.startsWith('http://') || self.prometheusUrl.startsWith('https://')").message("prometheusUrl must be an http:// or https:// URL"))]
+#[x_kube(validation = Rule::new("!has(self.prometheusUrl) || self.prometheusUrl.startsWith('http://') || self.prometheusUrl.startsWith('https://')").message("prometheusUrl must be an http:// or https:// URL"))]
 pub struct AutoscalingSpec {
     #[serde(default)]
-    pub enabled: bool,
-    pub prometheus_url: String,
+    pub mode: AutoscalingMode,
+    /// This pool's Prometheus, instead of the operator's; refused unless the operator allows
+    /// pools to name their own (the chart's `prometheus.allowPoolOverride`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_url: Option<String>,
+    /// How often the planner looks at the pool.
     #[serde(default = "default_interval")]
-    #[schemars(range(min = 5, max = 3600))]
+    #[schemars(range(min = 1, max = 300))]
     pub interval_seconds: u32,
-    #[serde(default = "default_up_window")]
-    #[schemars(range(min = 0, max = 3600))]
-    pub scale_up_stabilization_seconds: u32,
+    /// A role shrinks only to the highest recommendation over this window (the HPA's rule).
     #[serde(default = "default_down_window")]
     #[schemars(range(min = 0, max = 3600))]
-    pub scale_down_stabilization_seconds: u32,
+    pub scale_down_window_seconds: u32,
+    /// A prompt backlog is to be cleared within about this.
+    #[serde(default = "default_backlog_clear")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub backlog_clear_seconds: u32,
 }
 
 fn default_interval() -> u32 {
-    15
-}
-fn default_up_window() -> u32 {
-    0
+    5
 }
 fn default_down_window() -> u32 {
     300
+}
+fn default_backlog_clear() -> u32 {
+    30
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -320,6 +347,30 @@ fn default_down_window() -> u32 {
 pub struct RoleStatus {
     pub ready: i32,
     pub desired: i32,
+    /// Asked for but not ready yet (pending or starting): capacity on the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<i32>,
+    /// What the planner recommends (in External mode, for the HPA or KEDA to weigh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended: Option<i32>,
+    /// Prefill: prompt tokens per second; decode: generated tokens per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<f64>,
+    /// The same unit, per replica, as measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_per_replica: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilisation: Option<f64>,
+    /// The model's TTFT (prefill) or ITL (decode) at the desired replicas, and what users saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_ms: Option<f64>,
+    /// When the planner last changed this role's replicas (RFC 3339), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -347,11 +398,53 @@ pub struct InferencePoolStatus {
     /// Observed inter-token latency at the SLO's quantile, from Prometheus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub itl_ms: Option<f64>,
-    /// When the autoscaler last changed a role's replicas (RFC 3339).
+    /// The role most of the time to first token is spent in (prefill or decode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_scale_time: Option<String>,
+    pub bottleneck: Option<Role>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// One role's replicas, as an object with a scale subresource, for an HPA or KEDA to drive
+/// in External mode. The operator creates one per worker role and runs what `spec.replicas`
+/// says.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "pdfleet.dev",
+    version = "v1alpha1",
+    kind = "RoleScale",
+    namespaced,
+    category = "pdfleet",
+    status = "RoleScaleStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.pool"}"#,
+    printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Recommended","type":"integer","jsonPath":".status.recommended"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.replicas"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleScaleSpec {
+    pub pool: String,
+    pub role: Role,
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleScaleStatus {
+    /// Ready replicas.
+    pub replicas: i32,
+    /// The role's pods, for an HPA's pod metrics.
+    pub selector: String,
+    /// The planner's recommendation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended: Option<i32>,
 }
 
 impl InferencePoolSpec {
@@ -365,10 +458,16 @@ impl InferencePoolSpec {
     }
 }
 
-/// The CRD as YAML, as committed in `crds/inferencepool.yaml` and the chart.
+/// The CRDs as YAML, as committed in `crds/inferencepool.yaml` and the chart: the pool, and
+/// the per-role scale objects of External autoscaling.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&InferencePool::crd()).expect("the CRD serialises")
+    let yaml = |crd| serde_yaml::to_string(&crd).expect("the CRD serialises");
+    format!(
+        "{}---\n{}",
+        yaml(InferencePool::crd()),
+        yaml(RoleScale::crd())
+    )
 }
 
 #[cfg(test)]

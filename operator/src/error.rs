@@ -9,7 +9,7 @@ pub enum Error {
     /// The API server refused a child (a webhook, a quota, an invalid object).
     #[error("could not apply {kind} {name}: {source}")]
     Apply {
-        kind: &'static str,
+        kind: String,
         name: String,
         source: Box<kube::Error>,
     },

@@ -200,10 +200,21 @@ async fn handle(
             None => status(404, "not found"),
         },
         Method::POST => {
+            // Creates: events get a generated name, other objects keep theirs.
             let mut obj: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
-            obj["metadata"]["name"] = json!(format!("event-{}", s.requests.len()));
-            let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-            s.objects.insert(format!("{path}/{name}"), obj.clone());
+            let name = match obj["metadata"]["name"].as_str() {
+                Some(n) if !path.contains("/events") => n.to_string(),
+                _ => format!("event-{}", s.requests.len()),
+            };
+            obj["metadata"]["name"] = json!(name);
+            let at = format!("{path}/{name}");
+            if s.objects.contains_key(&at) {
+                return status(409, "already exists");
+            }
+            s.uid += 1;
+            obj["metadata"]["uid"] = json!(format!("uid-{}", s.uid));
+            obj["metadata"]["generation"] = json!(1);
+            s.objects.insert(at, obj.clone());
             ok(&obj)
         }
         _ => status(405, "not allowed"),

@@ -15,6 +15,7 @@ mod reconcile;
 mod status;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -29,7 +30,11 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
-use pdfleet_crds::InferencePool;
+use pdfleet_crds::{InferencePool, RoleScale};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::autoscale::prometheus::Prometheus;
+use crate::autoscale::{Autoscaler, PromConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "pdfleet-operator", version, about)]
@@ -61,9 +66,22 @@ struct Args {
     /// Logs as JSON lines.
     #[arg(long)]
     json_logs: bool,
+    /// The Prometheus the planner reads (http or https), for every pool.
+    #[arg(long, env = "PDFLEET_PROMETHEUS_URL")]
+    prometheus_url: Option<String>,
+    /// A bearer token for it, read from this file on each query.
+    #[arg(long, env = "PDFLEET_PROMETHEUS_TOKEN_FILE")]
+    prometheus_bearer_token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign its certificate, besides the system's.
+    #[arg(long, env = "PDFLEET_PROMETHEUS_CA_FILE")]
+    prometheus_ca_file: Option<PathBuf>,
+    /// Let a pool name its own Prometheus (`spec.autoscaling.prometheusUrl`): the operator
+    /// then fetches URLs that anyone who can write a pool chooses. Off by default.
+    #[arg(long, env = "PDFLEET_ALLOW_POOL_PROMETHEUS")]
+    allow_pool_prometheus: bool,
 }
 
-const CRD_NAME: &str = "inferencepools.pdfleet.dev";
+const CRD_NAMES: [&str; 2] = ["inferencepools.pdfleet.dev", "rolescales.pdfleet.dev"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -81,8 +99,27 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     // Fail at start, clearly, rather than watch a type the API server does not know.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    if crds.get_opt(CRD_NAME).await?.is_none() {
-        anyhow::bail!("the CRD {CRD_NAME} is not installed: kubectl apply -f crds/inferencepool.yaml (the Helm chart installs it)");
+    for name in CRD_NAMES {
+        if crds.get_opt(name).await?.is_none() {
+            anyhow::bail!("the CRD {name} is not installed: kubectl apply --server-side -f crds/inferencepool.yaml (the Helm chart installs it)");
+        }
+    }
+    let plain = Prometheus::client(None)?;
+    let prom = PromConfig {
+        operator: match &args.prometheus_url {
+            Some(url) => Some(Prometheus::new(
+                Prometheus::client(args.prometheus_ca_file.as_ref())?,
+                url,
+                args.prometheus_bearer_token_file.clone(),
+            )),
+            None => None,
+        },
+        plain,
+        allow_pool_override: args.allow_pool_prometheus,
+    };
+    match &args.prometheus_url {
+        Some(url) => tracing::info!(%url, "the planner reads Prometheus"),
+        None => tracing::warn!("no --prometheus-url: pools that autoscale hold their replicas"),
     }
 
     let metrics = metrics::Metrics::new();
@@ -114,9 +151,10 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(reconcile::Context {
         client: client.clone(),
-        http: reqwest::Client::new(),
+        autoscaler: Autoscaler::new(prom, wake),
         defaults: build::Defaults {
             worker_image: args.worker_image,
             router_image: args.router_image,
@@ -144,11 +182,18 @@ async fn main() -> anyhow::Result<()> {
         pdfleet_api::labels::MANAGED_BY,
         pdfleet_api::labels::OPERATOR
     ));
+    // The planner runs on its own clock and wakes a pool's reconcile when it decides.
+    tokio::spawn(Autoscaler::run(ctx.clone(), reader.clone()));
     let controller = Controller::for_stream(pool_changes, reader)
+        .reconcile_on(UnboundedReceiverStream::new(woken))
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(Api::<RoleScale>::all(client.clone()), owned)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use pdfleet_api::{labels, Role};
 use pdfleet_crds::InferencePool;
 
+use crate::build::{pool_selector, Part};
 use crate::error::Error;
+use crate::status::{part_of, rollout, Rollout};
 
 /// Pods of one worker role the scheduler cannot place.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +59,26 @@ pub fn unplaced(pods: &[Pod]) -> Vec<Unplaced> {
         }
     }
     by_role.into_values().collect()
+}
+
+/// Each worker role's Deployment, as the cluster has it now.
+pub async fn workloads(
+    client: &Client,
+    pool: &InferencePool,
+) -> Result<BTreeMap<Role, Rollout>, Error> {
+    let ns = pool.namespace().expect("pools are namespaced");
+    let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let list = api
+        .list(&ListParams::default().labels(&pool_selector(pool)))
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .filter_map(|d| match part_of(d)? {
+            Part::Worker(role) => Some((role, rollout(d))),
+            _ => None,
+        })
+        .collect())
 }
 
 pub async fn pods(client: &Client, pool: &InferencePool) -> Result<PodsSeen, Error> {

@@ -3,6 +3,7 @@
 //! a status that says what is really there. A step that fails says so in the pool's Ready
 //! condition and an Event, not only in the log.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,10 +12,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use pdfleet_api::Role;
-use pdfleet_crds::{InferencePool, InferencePoolStatus, PoolMode};
+use pdfleet_crds::{InferencePool, InferencePoolStatus, PoolMode, RoleSpec};
 
 use crate::apply::{self, FIELD_MANAGER};
-use crate::autoscale;
+use crate::apply::{report_scales, scaled_replicas};
+use crate::autoscale::{self, Autoscaler};
 use crate::build::{self, Defaults};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -23,8 +25,7 @@ use crate::status;
 
 pub struct Context {
     pub client: Client,
-    /// For Prometheus.
-    pub http: reqwest::Client,
+    pub autoscaler: Autoscaler,
     pub defaults: Defaults,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -68,7 +69,13 @@ async fn write_status(
     Ok(())
 }
 
-async fn event(ctx: &Context, pool: &InferencePool, type_: EventType, reason: &str, note: String) {
+pub async fn event(
+    ctx: &Context,
+    pool: &InferencePool,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -81,91 +88,45 @@ async fn event(ctx: &Context, pool: &InferencePool, type_: EventType, reason: &s
     }
 }
 
-/// Reads the pool's latencies from Prometheus when it names one, and, when autoscaling is
-/// enabled, picks each worker role's replicas. Returns what it saw, the replicas (empty: the
-/// spec's), and the time of the last change.
-async fn autoscale(
+/// Each worker role's replicas: the spec's without autoscaling; the planner's decision in
+/// Builtin mode (the Deployment's count until its first, so a restarted operator changes
+/// nothing); the RoleScale's in External mode. Always within the role's bounds.
+fn replicas_for(
     pool: &InferencePool,
-    ctx: &Context,
-) -> (autoscale::Observed, Vec<(Role, i32)>, Option<String>) {
-    let previous = pool.status.as_ref().and_then(|s| s.last_scale_time.clone());
-    let Some(a) = &pool.spec.autoscaling else {
-        return (Default::default(), Vec::new(), previous);
-    };
-    let q = pool.spec.slo.as_ref().map(|s| s.quantile).unwrap_or(0.99);
-    let ns = pool.namespace().expect("pools are namespaced");
-    let seen = match autoscale::observe(&ctx.http, &a.prometheus_url, &ns, &pool.name_any(), q)
-        .await
-    {
-        Ok(seen) => seen,
-        Err(e) => {
-            tracing::warn!(pool = %pool.name_any(), error = %e, "cannot read latencies from Prometheus");
-            Default::default()
-        }
-    };
-    let Some(slo) = pool.spec.slo.as_ref().filter(|_| a.enabled) else {
-        return (seen, Vec::new(), previous);
-    };
-    let since = previous
-        .as_ref()
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds() as f64)
-        .unwrap_or(f64::INFINITY);
-    let current = |role: Role| {
-        let s = pool.status.as_ref();
-        match role {
-            Role::Prefill => s.and_then(|s| s.prefill.as_ref()),
-            Role::Decode => s.and_then(|s| s.decode.as_ref()),
-            Role::Unified => s.and_then(|s| s.unified.as_ref()),
-        }
-        .map(|r| r.desired)
-    };
-    let mut replicas = Vec::new();
-    let mut changes = Vec::new();
-    for (role, spec) in build::roles(pool) {
-        let now = current(role).unwrap_or(spec.replicas);
-        let (observed_ms, target_ms) = autoscale::driver(role, slo, &seen);
-        let step = autoscale::Step {
-            current: now,
-            min: spec.min_replicas.unwrap_or(spec.replicas),
-            max: spec.max_replicas.unwrap_or(spec.replicas),
-            observed_ms,
-            target_ms,
-            since_change_s: since,
-        };
-        let next = autoscale::decide(step, a);
-        if next != now {
-            changes.push(format!("{role} {now} -> {next}"));
-        }
-        replicas.push((role, next));
+    role: Role,
+    spec: &RoleSpec,
+    decided: Option<&autoscale::Decided>,
+    running: &BTreeMap<Role, status::Rollout>,
+    scaled: &BTreeMap<Role, i32>,
+) -> i32 {
+    if pool.spec.autoscaling.is_none() {
+        return spec.replicas;
     }
-    if changes.is_empty() {
-        return (seen, replicas, previous);
-    }
-    let ms = |v: Option<f64>| {
-        v.map(|v| format!("{v:.1} ms"))
-            .unwrap_or_else(|| "no data".into())
+    let current = running.get(&role).map_or(spec.replicas, |r| r.desired);
+    let n = if build::external_scaling(pool) {
+        scaled.get(&role).copied().unwrap_or(current)
+    } else {
+        decided
+            .and_then(|d| d.decision(role))
+            .map_or(current, |d| d.desired as i32)
     };
-    let note = format!(
-        "scaled {} (TTFT {}, ITL {})",
-        changes.join(", "),
-        ms(seen.ttft_ms),
-        ms(seen.itl_ms)
-    );
-    event(ctx, pool, EventType::Normal, "Scaled", note).await;
-    (seen, replicas, Some(chrono::Utc::now().to_rfc3339()))
+    let b = autoscale::bounds(spec);
+    n.clamp(b.min as i32, b.max as i32)
 }
 
 /// One pass of the pipeline.
 async fn run(pool: &InferencePool, ctx: &Context) -> Result<Action, Error> {
     validate(pool)?;
     let pods = observe::pods(&ctx.client, pool).await?;
-    let (seen, replicas, scaled_at) = autoscale(pool, ctx).await;
-    let count = |role: Role, spec: &pdfleet_crds::RoleSpec| {
-        replicas
-            .iter()
-            .find(|(r, _)| *r == role)
-            .map_or(spec.replicas, |(_, n)| *n)
+    let running = observe::workloads(&ctx.client, pool).await?;
+    let scaled = if build::external_scaling(pool) {
+        scaled_replicas(&ctx.client, pool).await?
+    } else {
+        BTreeMap::new()
+    };
+    let decided = ctx.autoscaler.decided(pool);
+    let count = |role: Role, spec: &RoleSpec| {
+        replicas_for(pool, role, spec, decided.as_ref(), &running, &scaled)
     };
     let children = build::children(pool, count, &ctx.defaults, &pods.domains);
     let applied = apply::apply(&ctx.client, pool, &children).await?;
@@ -203,23 +164,32 @@ async fn run(pool: &InferencePool, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     let mut st = status::compute(pool, &applied, &pods.unplaced);
-    if pool.spec.autoscaling.is_some() {
-        let round = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-        (st.ttft_ms, st.itl_ms) = (round(seen.ttft_ms), round(seen.itl_ms));
+    autoscale::report::fill(&mut st, pool, decided.as_ref());
+    if build::external_scaling(pool) {
+        let mut ready = BTreeMap::new();
+        let mut recommended = BTreeMap::new();
+        for (role, _) in build::roles(pool) {
+            let rs = match role {
+                Role::Prefill => st.prefill.as_ref(),
+                Role::Decode => st.decode.as_ref(),
+                Role::Unified => st.unified.as_ref(),
+            };
+            ready.insert(role, rs.map_or(0, |r| r.ready));
+            if let Some(r) = rs.and_then(|r| r.recommended) {
+                recommended.insert(role, r);
+            }
+        }
+        report_scales(&ctx.client, pool, &ready, &recommended).await?;
     }
-    st.last_scale_time = scaled_at;
     let settled = st.conditions.iter().all(|c| match c.type_.as_str() {
         "Ready" | "Placement" => c.status == "True",
         _ => true,
     });
     write_status(pool, ctx, &st).await?;
-    // Children changes wake us through the watches; pods and nodes do not, so an unsettled pool
-    // is looked at again soon. Otherwise this is a safety net, or the autoscaler's interval.
-    let every = match &pool.spec.autoscaling {
-        Some(a) => a.interval_seconds as u64,
-        None if settled => 300,
-        None => 10,
-    };
+    // Children changes wake us through the watches, and the planner wakes us when it decides;
+    // pods and nodes do not, so an unsettled pool is looked at again soon. Otherwise this is a
+    // safety net.
+    let every = if settled { 300 } else { 10 };
     Ok(Action::requeue(Duration::from_secs(every)))
 }
 
@@ -255,6 +225,8 @@ pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autoscale::prometheus::Prometheus;
+    use crate::autoscale::PromConfig;
     use crate::fake_api::FakeApi;
     use http::Method;
     use kube::runtime::events::Reporter;
@@ -264,10 +236,21 @@ mod tests {
     const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/ml/deployments/";
 
     fn context(api: &FakeApi) -> Arc<Context> {
+        context_with(api, None)
+    }
+
+    /// A context whose planner reads the Prometheus at `prom`.
+    fn context_with(api: &FakeApi, prom: Option<&str>) -> Arc<Context> {
         let client = api.client();
+        let plain = reqwest::Client::new();
+        let prom = PromConfig {
+            operator: prom.map(|url| Prometheus::new(plain.clone(), url, None)),
+            plain,
+            allow_pool_override: false,
+        };
         Arc::new(Context {
             client: client.clone(),
-            http: reqwest::Client::new(),
+            autoscaler: Autoscaler::new(prom, tokio::sync::mpsc::unbounded_channel().0),
             defaults: Defaults {
                 worker_image: "pdfleet/worker:dev".into(),
                 router_image: "pdfleet/router:dev".into(),

@@ -20,6 +20,8 @@ pub struct Rollout {
     pub ready: i32,
     /// The controller has seen the latest spec and every replica runs it.
     pub done: bool,
+    /// A template change is being rolled out: pods of an older one still run.
+    pub rolling: bool,
 }
 
 pub fn rollout(d: &Deployment) -> Rollout {
@@ -33,14 +35,16 @@ pub fn rollout(d: &Deployment) -> Rollout {
         && s.available_replicas.unwrap_or(0) >= desired
         // Old pods gone too.
         && s.replicas.unwrap_or(0) <= desired;
+    let rolling = !seen || s.updated_replicas.unwrap_or(0) < s.replicas.unwrap_or(0).min(desired);
     Rollout {
         desired,
         ready: ready.min(desired),
         done,
+        rolling,
     }
 }
 
-fn part_of(d: &Deployment) -> Option<Part> {
+pub fn part_of(d: &Deployment) -> Option<Part> {
     let role = d.labels().get(labels::ROLE)?;
     if role == labels::ROUTER {
         return Some(Part::Router);
@@ -107,6 +111,7 @@ pub fn compute(
         let rs = Some(RoleStatus {
             ready: r.ready,
             desired: r.desired,
+            ..Default::default()
         });
         match part {
             Part::Worker(Role::Prefill) => st.prefill = rs,

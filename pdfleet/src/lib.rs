@@ -5,3 +5,4 @@ pub mod experiment;
 pub mod fleet;
 pub mod load;
 pub mod simulate;
+pub mod trace;

@@ -289,8 +289,9 @@ impl Planner {
                 }),
                 _ => None,
             };
-            let mut d = self.decide(Which::Prefill, &s.prefill, sized, now, None, s.ttft_s);
+            let mut d = self.decide(Which::Prefill, &s.prefill, sized, now, None, !idle);
             d.demand = Some(demand.prompt_tokens_per_s);
+            d.observed_s = s.ttft_s;
             return Plan {
                 prefill: d,
                 decode: None,
@@ -299,15 +300,9 @@ impl Planner {
             };
         }
         let decode_signals = s.decode.expect("disaggregated");
-        let mut prefill = self.decide(
-            Which::Prefill,
-            &s.prefill,
-            prefill_sized,
-            now,
-            None,
-            s.ttft_s,
-        );
+        let mut prefill = self.decide(Which::Prefill, &s.prefill, prefill_sized, now, None, !idle);
         prefill.demand = Some(demand.prompt_tokens_per_s);
+        prefill.observed_s = s.ttft_s;
         prefill.capacity_per_replica = self.prefill.capacity;
         let mut decode = self.decide(
             Which::Decode,
@@ -315,9 +310,10 @@ impl Planner {
             decode_sized,
             now,
             prefill.changed.then_some(now),
-            s.itl_s,
+            !idle,
         );
         decode.demand = Some(demand.generated_tokens_per_s);
+        decode.observed_s = s.itl_s;
         decode.capacity_per_replica = step.map(|m| {
             let b = m
                 .max_batch(self.cfg.itl_target_s * model::ITL_HEADROOM)
@@ -403,7 +399,7 @@ impl Planner {
         sized: Option<Sized>,
         now: f64,
         other_changed_at: Option<f64>,
-        observed: Option<f64>,
+        waking: bool,
     ) -> RoleDecision {
         let bounds = match which {
             Which::Prefill => self.cfg.prefill,
@@ -438,11 +434,33 @@ impl Planner {
             capacity_per_replica: None,
             utilisation: sized.map(|s| s.utilisation),
             predicted_s: sized.map(|s| s.predicted_s),
-            observed_s: observed,
+            observed_s: None,
             attainable: sized.is_none_or(|s| s.attainable),
             limit: None,
         };
+        // The bounds hold whatever the model says, at once (they may just have been edited).
+        let bounded = current.clamp(bounds.min, bounds.max);
+        if bounded != current {
+            d.desired = bounded;
+            d.recommended = bounded;
+            d.changed = true;
+            d.reason = format!(
+                "{current} -> {bounded}: within the bounds {}-{}",
+                bounds.min, bounds.max
+            );
+            state.last_change_s = Some(now);
+            return d;
+        }
         let Some(sized) = sized else {
+            if current == 0 && waking {
+                // Nothing runs to measure: one replica, and the model takes over from it.
+                d.desired = 1.min(bounds.max);
+                d.recommended = d.desired;
+                d.changed = d.desired != current;
+                d.reason = "up 0 -> 1: requests arrive and no replica runs".into();
+                state.last_change_s = Some(now);
+                return d;
+            }
             d.reason = "capacity not measured yet: holding".into();
             d.limit = Some(Limit::Holding(d.reason.clone()));
             return d;
@@ -667,6 +685,26 @@ mod tests {
         let plan = p.plan(&signals(0.0, 0.0, 4, 4));
         let (pd, dd) = (plan.prefill.changed, plan.decode.unwrap().changed);
         assert!(pd && !dd, "prefill went down, decode waits");
+    }
+
+    #[test]
+    fn edited_bounds_hold_at_once_and_a_role_at_zero_comes_back() {
+        let mut p = planner();
+        p.cfg.prefill = Bounds { min: 2, max: 3 };
+        let plan = p.plan(&signals(0.0, 1.0, 1, 5));
+        assert_eq!(plan.prefill.desired, 2, "{}", plan.prefill.reason);
+        p.cfg.decode = Some(Bounds { min: 0, max: 3 });
+        let plan = p.plan(&signals(5.0, 1.0, 2, 5));
+        assert_eq!(plan.decode.unwrap().desired, 3);
+        // At zero nothing measures capacity; requests arriving bring one replica back.
+        let mut p = planner();
+        p.cfg.prefill = Bounds { min: 0, max: 4 };
+        let mut s = signals(0.0, 2.0, 0, 1);
+        s.prefill.tokens_per_busy_s = None;
+        let plan = p.plan(&s);
+        assert_eq!(plan.prefill.desired, 1, "{}", plan.prefill.reason);
+        s.demand = Some(Demand::default());
+        assert_eq!(p.plan(&s).prefill.desired, 0, "no requests: stays at zero");
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct StepOutput {
     pub seconds: f64,
     /// Sequences that left the queue for the batch this step (their wait ends here).
     pub admitted: Vec<u64>,
+    /// Sequences computed in this step, decoding or part of a prompt.
+    pub sequences: usize,
 }
 
 #[derive(Debug)]
@@ -600,6 +602,7 @@ impl Engine {
         let mut out = StepOutput {
             preempted,
             admitted,
+            sequences: plan.len(),
             ..Default::default()
         };
         if plan.is_empty() {

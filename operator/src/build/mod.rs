@@ -21,7 +21,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use pdfleet_api::labels;
 use pdfleet_api::Role;
-use pdfleet_crds::{InferencePool, ResourceSpec, RoleSpec};
+use pdfleet_crds::{
+    AutoscalingMode, InferencePool, ResourceSpec, RoleScale, RoleScaleSpec, RoleSpec,
+};
 
 pub use router::{router_deployment, router_role_binding, router_service, router_service_account};
 pub use worker::{pdb, role_service, worker_deployment};
@@ -85,7 +87,7 @@ pub fn labels(pool: &InferencePool, part: Part) -> BTreeMap<String, String> {
 }
 
 /// The labels that select a part's pods.
-fn selector(pool: &InferencePool, part: Part) -> BTreeMap<String, String> {
+pub fn selector(pool: &InferencePool, part: Part) -> BTreeMap<String, String> {
     BTreeMap::from([
         (labels::POOL.to_string(), pool.name_any()),
         (labels::ROLE.to_string(), part.as_str().to_string()),
@@ -232,6 +234,31 @@ pub struct Children {
     pub pdbs: Vec<PodDisruptionBudget>,
     pub service_accounts: Vec<ServiceAccount>,
     pub role_bindings: Vec<RoleBinding>,
+    /// External autoscaling: one per worker role. Created once with the role's replicas, then
+    /// scaled by others; the operator never writes their spec again.
+    pub role_scales: Vec<RoleScale>,
+}
+
+/// The scale object of one worker role (External autoscaling).
+pub fn role_scale(pool: &InferencePool, role: Role, replicas: i32) -> RoleScale {
+    let mut rs = RoleScale::new(
+        &child_name(pool, Part::Worker(role)),
+        RoleScaleSpec {
+            pool: pool.name_any(),
+            role,
+            replicas,
+        },
+    );
+    rs.metadata = meta(pool, rs.name_any(), Part::Worker(role));
+    rs
+}
+
+/// Whether the pool's replicas are written by something else, through its RoleScales.
+pub fn external_scaling(pool: &InferencePool) -> bool {
+    pool.spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.mode == AutoscalingMode::External)
 }
 
 /// The pool's children: a Deployment, a headless Service and a PDB per worker role of its mode
@@ -251,15 +278,14 @@ pub fn children(
         c.config_maps.push(topology_config_map(pool, domains));
     }
     for (role, spec) in roles(pool) {
+        let n = replicas(role, spec);
         c.services.push(role_service(pool, role));
-        c.deployments.push(worker_deployment(
-            pool,
-            role,
-            spec,
-            replicas(role, spec),
-            defaults,
-        ));
+        c.deployments
+            .push(worker_deployment(pool, role, spec, n, defaults));
         c.pdbs.push(pdb(pool, role));
+        if external_scaling(pool) {
+            c.role_scales.push(role_scale(pool, role, n));
+        }
     }
     if pool.spec.router.replicas > 0 {
         c.service_accounts.push(router_service_account(pool));

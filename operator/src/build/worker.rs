@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use pdfleet_api::labels::{self, env};
-use pdfleet_api::worker_args::{EngineArgs, ModelArgs, WorkerArgs};
+use pdfleet_api::worker_args::{EngineArgs, ModelArgs, StepPad, WorkerArgs};
 use pdfleet_api::Role;
 use pdfleet_crds::{InferencePool, RoleSpec, TopologyPolicy};
 
@@ -56,6 +56,12 @@ pub fn worker_config(pool: &InferencePool, role: Role, spec: &RoleSpec) -> Worke
             max_waiting: defaults.max_waiting,
         },
         kv_wire_f16: e.kv_wire_f16 && role == Role::Prefill,
+        pad_step_ms: (e.pad_step_ms.is_some() || e.pad_step_per_sequence_ms.is_some()).then(|| {
+            StepPad {
+                fixed_ms: e.pad_step_ms.unwrap_or(0) as f64,
+                per_sequence_ms: e.pad_step_per_sequence_ms.unwrap_or(0) as f64,
+            }
+        }),
         pool: pool.name_any(),
         grace_period_s: spec.grace_period_seconds as u64,
         ..WorkerArgs::new(role)

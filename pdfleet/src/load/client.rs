@@ -145,7 +145,10 @@ pub async fn run_load(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
         records,
         wall_s,
         label: cfg.label.clone(),
-        offered_rate: cfg.rate,
+        offered_rate: match &cfg.schedule {
+            Some(s) => s.len() as f64 / s.last().map_or(1.0, |r| r.at_s.max(1e-9)),
+            None => cfg.rate,
+        },
         slo_ttft_ms: cfg.slo_ttft_ms,
         slo_itl_ms: cfg.slo_itl_ms,
     })

@@ -4,6 +4,7 @@ use anyhow::bail;
 use serde::Serialize;
 
 use super::LenDist;
+use crate::trace::TraceRequest;
 
 /// Size of the toy model's vocabulary: prompt token ids are drawn from `0..VOCAB`.
 pub const VOCAB: u64 = 100;
@@ -37,6 +38,10 @@ pub struct LoadConfig {
     pub progress: bool,
     /// Free-form name carried into the report (e.g. an experiment arm).
     pub label: String,
+    /// Arrivals and lengths to replay (a trace, a generated shape) instead of `rate`,
+    /// `num_requests` and the length distributions.
+    #[serde(skip)]
+    pub schedule: Option<Vec<TraceRequest>>,
 }
 
 impl Default for LoadConfig {
@@ -54,6 +59,7 @@ impl Default for LoadConfig {
             timeout_s: 60.0,
             progress: false,
             label: String::new(),
+            schedule: None,
         }
     }
 }
@@ -63,8 +69,10 @@ impl LoadConfig {
         if self.rate.is_nan() || self.rate <= 0.0 {
             bail!("rate must be > 0 requests/s (or inf), got {}", self.rate);
         }
-        if self.num_requests == 0 {
-            bail!("number of requests must be at least 1");
+        match &self.schedule {
+            Some(s) if s.is_empty() => bail!("the trace or shape gives no request"),
+            None if self.num_requests == 0 => bail!("number of requests must be at least 1"),
+            _ => {}
         }
         if !self.timeout_s.is_finite() || self.timeout_s <= 0.0 {
             bail!(

@@ -100,6 +100,19 @@ pub struct PlannedRequest {
 pub fn plan_requests(cfg: &LoadConfig) -> Vec<PlannedRequest> {
     let mut arrivals = SplitMix64::new(cfg.seed ^ 0xA771_7A15_0000_0001);
     let mut shapes = SplitMix64::new(cfg.seed ^ 0x5AA9_E500_0000_0002);
+    if let Some(schedule) = &cfg.schedule {
+        // Replayed: the schedule's times and lengths, prompt tokens drawn from the seed.
+        return schedule
+            .iter()
+            .enumerate()
+            .map(|(id, r)| PlannedRequest {
+                id,
+                at_s: r.at_s,
+                prompt: (0..r.prompt).map(|_| shapes.below(VOCAB) as u32).collect(),
+                max_tokens: r.output as usize,
+            })
+            .collect();
+    }
     let mut t = 0.0;
     (0..cfg.num_requests)
         .map(|id| {
@@ -120,6 +133,37 @@ pub fn plan_requests(cfg: &LoadConfig) -> Vec<PlannedRequest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::TraceRequest;
+
+    #[test]
+    fn a_schedule_is_replayed_with_its_times_and_lengths() {
+        let schedule = vec![
+            TraceRequest {
+                at_s: 0.5,
+                prompt: 3,
+                output: 7,
+            },
+            TraceRequest {
+                at_s: 2.0,
+                prompt: 40,
+                output: 1,
+            },
+        ];
+        let cfg = LoadConfig {
+            schedule: Some(schedule.clone()),
+            num_requests: 99,
+            ..Default::default()
+        };
+        let plan = plan_requests(&cfg);
+        assert_eq!(plan.len(), 2);
+        for (p, s) in plan.iter().zip(&schedule) {
+            assert_eq!(
+                (p.at_s, p.prompt.len(), p.max_tokens),
+                (s.at_s, s.prompt as usize, s.output as usize)
+            );
+            assert!(p.prompt.iter().all(|&t| (t as u64) < VOCAB));
+        }
+    }
 
     #[test]
     fn lendist_parses_and_samples() {

@@ -14,7 +14,7 @@ use pdfleet_api::profile::ServingProfile;
 use pdfleet_planner::policy::{Policy, Targets};
 
 use super::metrics::{Exported, Scrapes};
-use super::trace::TraceRequest;
+use crate::trace::TraceRequest;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {

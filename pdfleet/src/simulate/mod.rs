@@ -8,7 +8,6 @@ pub mod fleet;
 pub mod metrics;
 pub mod oracle;
 pub mod plot;
-pub mod trace;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,8 +19,8 @@ use pdfleet_planner::policy::{Current, Hpa, Load, Policy};
 use pdfleet_planner::{Planner, PlannerConfig};
 use serde::Serialize;
 
+use crate::trace::{self, Lengths, Shape, TraceRequest};
 use fleet::{Run, SimConfig};
-use trace::{Lengths, Shape, TraceRequest};
 
 /// Serving costs measured with `pdfleet-worker calibrate` (see docs/autoscaling.md for the
 /// command and machine of each).

@@ -11,7 +11,7 @@ use pdfleet_planner::policy::{Policy, Targets};
 use pdfleet_planner::signals::Signals;
 
 use super::fleet::{Run, SimConfig};
-use super::trace::TraceRequest;
+use crate::trace::TraceRequest;
 
 #[derive(Clone)]
 pub struct Oracle {

@@ -7,7 +7,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pdfleet_api::worker_args::EngineFault;
+use pdfleet_api::worker_args::{EngineFault, StepPad};
 use pdfleet_api::RequestId;
 use tokio::sync::oneshot;
 
@@ -123,6 +123,7 @@ pub struct ActorLimits {
     pub handoff_ttl: Duration,
     /// Tests only: break the engine on purpose.
     pub fault: Option<EngineFault>,
+    pub pad: Option<StepPad>,
 }
 
 #[derive(Clone)]
@@ -436,7 +437,7 @@ impl Actor {
             )),
             _ => self.engine.step(),
         };
-        let out = match result {
+        let mut out = match result {
             Ok(out) => out,
             Err(e) => {
                 // A backend failure fails every request in the batch rather than hanging them;
@@ -456,6 +457,13 @@ impl Actor {
             }
         };
         self.failed_steps = 0;
+        if let (Some(pad), true) = (self.limits.pad, out.sequences > 0) {
+            let least = pad.seconds(out.sequences);
+            if out.seconds < least {
+                std::thread::sleep(Duration::from_secs_f64(least - out.seconds));
+                out.seconds = least;
+            }
+        }
         let m = &self.metrics;
         if out.prefill_tokens + out.decode_tokens > 0 {
             m.step_seconds.observe(out.seconds);

@@ -64,6 +64,7 @@ pub async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         max_waiting: e.max_waiting,
         handoff_ttl: Duration::from_secs(args.handoff_ttl_s),
         fault: args.inject_fault,
+        pad: args.pad_step_ms,
     };
     let handle = actor::spawn(engine, limits, metrics.clone());
     let health = handle.health().clone();
