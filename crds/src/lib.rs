@@ -182,7 +182,7 @@ pub struct ResourceSpec {
 /// Engine knobs; unset ones take the worker's defaults.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.maxBatchTokens) || !has(self.maxRunning) || self.maxBatchTokens >= self.maxRunning").message("maxBatchTokens must be at least maxRunning: every running sequence decodes a token per step"))]
+#[x_kube(validation = Rule::new("(has(self.maxBatchTokens) ? self.maxBatchTokens : 2048) >= (has(self.maxRunning) ? self.maxRunning : 256)").message("maxBatchTokens must be at least maxRunning (2048 and 256 when unset): every running sequence decodes a token per step"))]
 pub struct EngineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -400,9 +400,16 @@ pub struct InferencePoolStatus {
     pub itl_ms: Option<f64>,
     /// The role most of the time to first token is spent in (prefill or decode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_role")]
     pub bottleneck: Option<Role>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// An optional role as a structural schema (a plain string enum, not `anyOf` with null).
+fn optional_role(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+    schemars::json_schema!({"type": "string", "enum": names, "nullable": true})
 }
 
 /// One role's replicas, as an object with a scale subresource, for an HPA or KEDA to drive
@@ -498,6 +505,9 @@ mod tests {
         ] {
             assert!(yaml.contains(rule), "missing rule {rule}");
         }
+        // An API server refuses a schema that is not structural; Option<enum> is the usual way
+        // to make one (anyOf with null).
+        assert!(!yaml.contains("anyOf"), "a non-structural schema");
     }
 
     #[test]

@@ -17,6 +17,35 @@ pub struct Demand {
 }
 
 impl Demand {
+    /// Demand from the rates over a long window and over the last `recent_s` seconds. When
+    /// arrivals in the recent window are significantly above what the long window's rate
+    /// explains (Poisson, 4 standard deviations: about once in 30,000 windows by chance), the long window's demand is scaled up to the
+    /// recent arrival rate (its lengths, over many more requests, stay); else it stands. A rate
+    /// over a minute lags a rise by most of the minute; a short window alone is noise.
+    pub fn from_windows(long: Demand, recent: Option<Demand>, recent_s: f64) -> Demand {
+        let Some(r) = recent else {
+            return long;
+        };
+        let expected = long.requests_per_s * recent_s;
+        let seen = r.requests_per_s * recent_s;
+        if seen <= expected + 4.0 * expected.max(1.0).sqrt() {
+            return long;
+        }
+        if long.requests_per_s <= 0.0 {
+            return Demand {
+                peak_prompt_tokens_per_s: long.peak_prompt_tokens_per_s,
+                ..r
+            };
+        }
+        let k = r.requests_per_s / long.requests_per_s;
+        Demand {
+            requests_per_s: r.requests_per_s,
+            prompt_tokens_per_s: long.prompt_tokens_per_s * k,
+            generated_tokens_per_s: long.generated_tokens_per_s * k,
+            peak_prompt_tokens_per_s: long.peak_prompt_tokens_per_s,
+        }
+    }
+
     pub fn mean_prompt_tokens(&self) -> Option<f64> {
         (self.requests_per_s > 0.0).then(|| self.prompt_tokens_per_s / self.requests_per_s)
     }
@@ -99,4 +128,46 @@ pub struct Signals {
     pub ttft_parts: Option<TtftParts>,
     /// Mean KV transfer time per request.
     pub transfer_s: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(r: f64) -> Demand {
+        Demand {
+            requests_per_s: r,
+            prompt_tokens_per_s: 100.0 * r,
+            generated_tokens_per_s: 10.0 * r,
+            peak_prompt_tokens_per_s: None,
+        }
+    }
+
+    #[test]
+    fn recent_rates_count_only_when_significantly_higher() {
+        // 20 s at 5 req/s expects 100 arrivals; 110 is noise, 150 a rise (at the long
+        // window's lengths).
+        assert_eq!(
+            Demand::from_windows(rate(5.0), Some(rate(5.5)), 20.0),
+            rate(5.0)
+        );
+        let longer = Demand {
+            prompt_tokens_per_s: 1.0,
+            ..rate(7.5)
+        };
+        assert_eq!(
+            Demand::from_windows(rate(5.0), Some(longer), 20.0),
+            rate(7.5)
+        );
+        assert_eq!(
+            Demand::from_windows(rate(5.0), Some(rate(2.0)), 20.0),
+            rate(5.0)
+        );
+        assert_eq!(Demand::from_windows(rate(5.0), None, 20.0), rate(5.0));
+        // From nothing, ten arrivals are a rise.
+        assert_eq!(
+            Demand::from_windows(rate(0.0), Some(rate(0.5)), 20.0),
+            rate(0.5)
+        );
+    }
 }

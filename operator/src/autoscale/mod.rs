@@ -325,6 +325,14 @@ impl Autoscaler {
             let plan = state.planner.plan(&signals);
             (plan, state.decided.clone())
         };
+        tracing::debug!(
+            pool = %name,
+            demand = ?signals.demand,
+            prefill = %plan.prefill.reason,
+            decode = %plan.decode.as_ref().map_or("", |d| d.reason.as_str()),
+            no_data = ?plan.no_data,
+            "planned"
+        );
         let builtin = a.mode == AutoscalingMode::Builtin;
         let mut decided = Decided {
             plan: Some(plan.clone()),

@@ -13,6 +13,11 @@ use super::prometheus::{PromError, Prometheus, Sample};
 
 /// Rates are taken over this window, quantiles over `QUANTILE_WINDOW`.
 pub const RATE_WINDOW: &str = "1m";
+/// Demand is its rate over `RATE_WINDOW`, or over this many seconds when that is
+/// significantly higher ([`Demand::from_windows`]): a rate over a minute lags a rise by most of
+/// the minute. It needs two scrapes within it (a scrape interval of 10 s or less); without,
+/// the minute's rate stands alone. `pdfleet simulate` reads its demand the same way.
+pub const SHORT_RATE_WINDOW_S: u32 = 20;
 pub const QUANTILE_WINDOW: &str = "2m";
 /// The prompt rate's short-term peak: the highest 15 s rate over the last 5 minutes.
 const PEAK: (&str, &str) = ("15s", "5m");
@@ -34,6 +39,8 @@ enum Q {
     Arrivals,
     PromptTokens,
     RequestedTokens,
+    /// The same over the short window.
+    Recent(Recent),
     PeakPromptTokens,
     Ttft,
     Itl,
@@ -41,6 +48,13 @@ enum Q {
     TransferSum,
     TransferCount,
     Role(Role, RoleQ),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Recent {
+    Arrivals,
+    PromptTokens,
+    RequestedTokens,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,6 +77,7 @@ enum RoleQ {
 fn queries(v: &PoolView) -> Vec<(Q, String)> {
     let sel = format!("namespace=\"{}\",pool=\"{}\"", v.namespace, v.pool);
     let rate = |m: &str, sel: &str| format!("sum(rate({m}{{{sel}}}[{RATE_WINDOW}]))");
+    let recent = |m: &str| format!("sum(rate({m}{{{sel}}}[{SHORT_RATE_WINDOW_S}s]))");
     let quantile = |m: &str, by: &str| {
         format!(
             "histogram_quantile({}, sum by (le{by}) (rate({}{{{sel}}}[{QUANTILE_WINDOW}])))",
@@ -74,6 +89,15 @@ fn queries(v: &PoolView) -> Vec<(Q, String)> {
         (Q::Arrivals, rate(router::ARRIVALS, &sel)),
         (Q::PromptTokens, rate(router::PROMPT_TOKENS, &sel)),
         (Q::RequestedTokens, rate(router::REQUESTED_TOKENS, &sel)),
+        (Q::Recent(Recent::Arrivals), recent(router::ARRIVALS)),
+        (
+            Q::Recent(Recent::PromptTokens),
+            recent(router::PROMPT_TOKENS),
+        ),
+        (
+            Q::Recent(Recent::RequestedTokens),
+            recent(router::REQUESTED_TOKENS),
+        ),
         (
             Q::PeakPromptTokens,
             format!(
@@ -138,11 +162,7 @@ fn one(a: &Answers, q: Q) -> Option<f64> {
 /// What the planner sees, from the answers. No router series at all is no data (`demand` is
 /// `None`); a zero rate is no traffic.
 fn assemble(v: &PoolView, a: &Answers, now_s: f64) -> Signals {
-    let demand = match (
-        one(a, Q::Arrivals),
-        one(a, Q::PromptTokens),
-        one(a, Q::RequestedTokens),
-    ) {
+    let rates = |[r, p, g]: [Q; 3]| match (one(a, r), one(a, p), one(a, g)) {
         (Some(r), Some(p), Some(g)) => Some(Demand {
             requests_per_s: r,
             prompt_tokens_per_s: p,
@@ -151,6 +171,13 @@ fn assemble(v: &PoolView, a: &Answers, now_s: f64) -> Signals {
         }),
         _ => None,
     };
+    let recent = rates([
+        Q::Recent(Recent::Arrivals),
+        Q::Recent(Recent::PromptTokens),
+        Q::Recent(Recent::RequestedTokens),
+    ]);
+    let demand = rates([Q::Arrivals, Q::PromptTokens, Q::RequestedTokens])
+        .map(|long| Demand::from_windows(long, recent, SHORT_RATE_WINDOW_S as f64));
     let parts: BTreeMap<&str, f64> = a
         .get(&Q::TtftParts)
         .into_iter()
@@ -315,6 +342,12 @@ mod tests {
             (d.requests_per_s, d.mean_prompt_tokens()),
             (4.0, Some(100.0))
         );
+        // A rise shows in the last seconds before the minute's rate catches up.
+        a.insert(Q::Recent(Recent::Arrivals), sample(8.0, &[]));
+        a.insert(Q::Recent(Recent::PromptTokens), sample(900.0, &[]));
+        a.insert(Q::Recent(Recent::RequestedTokens), sample(100.0, &[]));
+        let d = assemble(&v, &a, 7.0).demand.unwrap();
+        assert_eq!((d.requests_per_s, d.prompt_tokens_per_s), (8.0, 900.0));
         assert_eq!(s.prefill.tokens_per_busy_s, Some(800.0));
         assert_eq!(s.prefill.desired, 2);
         let decode = s.decode.unwrap();

@@ -135,6 +135,8 @@ impl Default for Exported {
 
 /// The span over which the planner takes the highest short-term prompt rate.
 pub const PEAK_WINDOW_S: f64 = 300.0;
+/// The operator's short demand window (`SHORT_RATE_WINDOW` in operator/src/autoscale/signals.rs).
+pub const SHORT_RATE_WINDOW_S: f64 = 20.0;
 
 /// Prometheus' view: the scrapes so far.
 pub struct Scrapes {
@@ -217,7 +219,13 @@ impl Scrapes {
                 (s.t > from.t).then(|| (s.prompt_tokens - from.prompt_tokens) / (s.t - from.t))
             })
             .reduce(f64::max);
-        let demand = match (
+        // As the operator reads demand: the window's rates, or the last 20 s's when
+        // significantly higher.
+        let recent_rate = |f: fn(&Exported) -> f64| {
+            self.window_start(SHORT_RATE_WINDOW_S)
+                .map(|first| (f(last) - f(first)) / (last.t - first.t))
+        };
+        let read = |rate: &dyn Fn(fn(&Exported) -> f64) -> Option<f64>| match (
             rate(|e| e.arrivals),
             rate(|e| e.prompt_tokens),
             rate(|e| e.requested_tokens),
@@ -230,6 +238,8 @@ impl Scrapes {
             }),
             _ => None,
         };
+        let demand = read(&rate)
+            .map(|long| Demand::from_windows(long, read(&recent_rate), SHORT_RATE_WINDOW_S));
         let busy = rate(|e| e.prefill_busy_s);
         let done = rate(|e| e.prefill_tokens_done);
         let tokens_per_busy_s = match (busy, done) {

@@ -102,6 +102,8 @@ pub struct Report {
     pub recovery_s: Vec<f64>,
     /// After each sharp rise: seconds until the first replica was asked for.
     pub decision_s: Vec<f64>,
+    /// (time, prefill replicas, decode replicas) at every change of either.
+    pub changes: Vec<(f64, u32, u32)>,
 }
 
 pub fn load_profile(name: &str) -> anyhow::Result<ServingProfile> {
@@ -200,6 +202,7 @@ fn judge(run: &Run, cfg: &SimConfig, steps: &[f64]) -> Report {
         reversals,
         recovery_s,
         decision_s,
+        changes: run.changes.clone(),
     }
 }
 
