@@ -339,7 +339,7 @@ fn default_down_window() -> u32 {
     300
 }
 fn default_backlog_clear() -> u32 {
-    30
+    15
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -51,7 +51,7 @@ impl PlannerConfig {
             scale_down_window_s: 300.0,
             max_up_share: 1.0,
             settle_s: 10.0,
-            backlog_clear_s: 30.0,
+            backlog_clear_s: 15.0,
             correct_after_s: 120.0,
         }
     }

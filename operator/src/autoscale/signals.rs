@@ -342,12 +342,13 @@ mod tests {
             (d.requests_per_s, d.mean_prompt_tokens()),
             (4.0, Some(100.0))
         );
-        // A rise shows in the last seconds before the minute's rate catches up.
+        // A rise shows in the last seconds before the minute's rate catches up (at the
+        // minute's mean lengths).
         a.insert(Q::Recent(Recent::Arrivals), sample(8.0, &[]));
         a.insert(Q::Recent(Recent::PromptTokens), sample(900.0, &[]));
         a.insert(Q::Recent(Recent::RequestedTokens), sample(100.0, &[]));
         let d = assemble(&v, &a, 7.0).demand.unwrap();
-        assert_eq!((d.requests_per_s, d.prompt_tokens_per_s), (8.0, 900.0));
+        assert_eq!((d.requests_per_s, d.prompt_tokens_per_s), (8.0, 800.0));
         assert_eq!(s.prefill.tokens_per_busy_s, Some(800.0));
         assert_eq!(s.prefill.desired, 2);
         let decode = s.decode.unwrap();

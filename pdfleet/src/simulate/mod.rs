@@ -69,6 +69,10 @@ pub struct SimulateArgs {
     /// The planner's scale-down window (the HPA's is 300 s)
     #[arg(long, default_value_t = 300.0)]
     pub scale_down_window_s: f64,
+    /// Within about how long the planner clears a prompt backlog (the pool's
+    /// autoscaling.backlogClearSeconds)
+    #[arg(long, default_value_t = 15.0)]
+    pub backlog_clear_s: f64,
     #[arg(long, default_value_t = 16)]
     pub max_replicas: u32,
     #[arg(long, default_value_t = 1)]
@@ -302,6 +306,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         prefill: bounds,
         decode: Some(bounds),
         scale_down_window_s: args.scale_down_window_s,
+        backlog_clear_s: args.backlog_clear_s,
         ..PlannerConfig::new(cfg.ttft_s, cfg.itl_s, cfg.quantile)
     };
     let names: Vec<&str> = if args.policy == "all" {
