@@ -70,6 +70,11 @@ pub mod router {
     pub const GENERATED_TOKENS: &str = "pdfleet_router_generated_tokens_total";
     /// Label `part`: where a disaggregated request's time to first token went ([`TtftPart`]).
     pub const TTFT_PART: &str = "pdfleet_router_ttft_part_seconds";
+    /// Labels `target` (ttft, itl, both) and `result` (met, missed): requests judged against
+    /// the pool's SLO (`--slo-ttft-ms`, `--slo-itl-ms`), `both` as `pdfleet load` judges
+    /// goodput. Served ones by their TTFT and mean ITL; overloaded (429) and failed ones miss
+    /// every target; ones refused as invalid are not counted.
+    pub const SLO_REQUESTS: &str = "pdfleet_router_slo_requests_total";
 }
 
 /// Operator metrics. The planner's carry the labels `namespace`, `pool` and `role`.
@@ -85,6 +90,17 @@ pub mod operator {
     pub const RECOMMENDED_REPLICAS: &str = "pdfleet_operator_recommended_replicas";
     /// What the role runs (asked for).
     pub const DESIRED_REPLICAS: &str = "pdfleet_operator_desired_replicas";
+    /// Its pods that are ready.
+    pub const READY_REPLICAS: &str = "pdfleet_operator_ready_replicas";
+    /// Label `target` (ttft, itl) besides `namespace` and `pool`: the pool's SLO, for
+    /// dashboards to draw against.
+    pub const SLO_TARGET_SECONDS: &str = "pdfleet_operator_slo_target_seconds";
+    /// The share of a pool's requests that must meet each target (`slo.quantile`): its error
+    /// budget is the rest, which the burn-rate alerts measure against.
+    pub const SLO_OBJECTIVE: &str = "pdfleet_operator_slo_objective";
+    /// Label `type`: a pool's status conditions, 1 when True and 0 when False (for alerts on
+    /// Ready and MetricsAvailable).
+    pub const POOL_CONDITION: &str = "pdfleet_operator_pool_condition";
     /// Label `direction` (up, down) besides the role's: each change of replicas.
     pub const SCALE_DECISIONS: &str = "pdfleet_operator_scale_decisions_total";
     /// Label `outcome`: planned, no_data.

@@ -348,6 +348,13 @@ pub struct RouterArgs {
     /// This router's name in its metrics (default: the pod's, else "router").
     #[arg(long, env = env::POD)]
     pub pod: Option<String>,
+    /// The pool's time-to-first-token target: each request is counted as meeting its SLO or
+    /// not (`pdfleet_router_slo_requests_total`), for attainment and burn-rate alerts.
+    #[arg(long)]
+    pub slo_ttft_ms: Option<u32>,
+    /// The pool's inter-token latency target (the request's mean), with `--slo-ttft-ms`.
+    #[arg(long, requires = "slo_ttft_ms")]
+    pub slo_itl_ms: Option<u32>,
 }
 
 impl RouterArgs {
@@ -371,6 +378,8 @@ impl RouterArgs {
             max_retries: 3,
             pool: "local".into(),
             pod: None,
+            slo_ttft_ms: None,
+            slo_itl_ms: None,
         }
     }
 
@@ -428,6 +437,12 @@ impl RouterArgs {
         a.flag("--pool", &self.pool);
         if let Some(p) = &self.pod {
             a.flag("--pod", p);
+        }
+        if let Some(t) = self.slo_ttft_ms {
+            a.flag("--slo-ttft-ms", t);
+        }
+        if let Some(t) = self.slo_itl_ms {
+            a.flag("--slo-itl-ms", t);
         }
         a.0
     }
@@ -571,6 +586,8 @@ mod tests {
         a.pod = Some("router-0".into());
         a.topology_key = Some("example.com/rack".into());
         a.max_retries = 0;
+        a.slo_ttft_ms = Some(500);
+        a.slo_itl_ms = Some(50);
         assert_eq!(parse_router(a.to_args()).unwrap(), a);
     }
 }

@@ -2,9 +2,12 @@
 //! for one model. Validation lives in the schema and in CEL rules, so that an invalid pool is
 //! refused at `kubectl apply` with a message a person understands.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
-pub use pdfleet_api::{KvDtype, PoolMode, Role};
+pub use pdfleet_api::{BackendKind, KvDtype, PoolMode, Role};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -153,6 +156,39 @@ pub struct RoleSpec {
     #[serde(default = "default_grace")]
     #[schemars(range(min = 0, max = 3600))]
     pub grace_period_seconds: i64,
+    /// Where and how the role's pods run: GPU taints, node pools, runtime class, priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodSettings>,
+}
+
+/// Scheduling and metadata for a part's pods, passed through to their pod template. GPU nodes
+/// are usually tainted (`nvidia.com/gpu:NoSchedule`): a GPU role tolerates that taint here.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.labels) || self.labels.all(k, !k.startsWith('pdfleet.dev/') && !k.startsWith('app.kubernetes.io/'))").message("labels under pdfleet.dev/ and app.kubernetes.io/ are the operator's: the pool's selectors use them"))]
+pub struct PodSettings {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// e.g. `nvidia` where the NVIDIA runtime is not the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Extra pod labels (the operator's own keys are refused).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations; they win over the operator's scrape annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Secrets in the pool's namespace to pull the images with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<String>,
 }
 
 fn one_i32() -> i32 {
@@ -184,6 +220,11 @@ pub struct ResourceSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.maxBatchTokens) ? self.maxBatchTokens : 2048) >= (has(self.maxRunning) ? self.maxRunning : 256)").message("maxBatchTokens must be at least maxRunning (2048 and 256 when unset): every running sequence decodes a token per step"))]
 pub struct EngineSpec {
+    /// Where the model runs: `cuda` whenever the role has GPUs, else `cpu`, unless set here.
+    /// A `cuda` worker that finds no GPU fails its start, never falls back to the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_backend")]
+    pub backend: Option<BackendKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub kv_blocks: Option<u32>,
@@ -229,6 +270,8 @@ pub struct RouterSpec {
     /// Requests (and the memory limit) of each router pod.
     #[serde(default = "router_resources")]
     pub resources: ResourceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodSettings>,
 }
 
 fn router_resources() -> ResourceSpec {
@@ -246,6 +289,7 @@ impl Default for RouterSpec {
             service_type: ServiceType::ClusterIP,
             image: None,
             resources: router_resources(),
+            pod: None,
         }
     }
 }
@@ -406,10 +450,27 @@ pub struct InferencePoolStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl InferencePoolStatus {
+    pub fn role(&self, role: Role) -> Option<&RoleStatus> {
+        match role {
+            Role::Prefill => self.prefill.as_ref(),
+            Role::Decode => self.decode.as_ref(),
+            Role::Unified => self.unified.as_ref(),
+        }
+    }
+}
+
 /// An optional role as a structural schema (a plain string enum, not `anyOf` with null).
 fn optional_role(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
     schemars::json_schema!({"type": "string", "enum": names, "nullable": true})
+}
+
+/// An optional backend as a structural schema, like [`optional_role`].
+fn optional_backend(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = BackendKind::ALL.iter().map(|b| b.as_str()).collect();
+    schemars::json_schema!({"type": "string", "enum": names, "nullable": true,
+        "description": "Where the model runs: cuda whenever the role has GPUs, else cpu, unless set here. A cuda worker that finds no GPU fails its start, never falls back to the CPU."})
 }
 
 /// One role's replicas, as an object with a scale subresource, for an HPA or KEDA to drive

@@ -31,6 +31,12 @@ ETCD_VERSION=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$_here/
 # CI may run with a bare environment: Go and the cache folder need a HOME.
 export HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/pdfleet
+# NVRTC for the worker image's CUDA backend (the NVIDIA container toolkit brings the driver, not
+# NVRTC): the nvidia-cuda-nvrtc wheel of the CUDA the workers' cudarc is built for.
+NVRTC_VERSION=13.0.88
+NVRTC_SHA256_AMD64=ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575
+NVRTC_SHA256_ARM64=d27f20a0ca67a4bb34268a5e951033496c5b74870b868bacd046b1b8e0c3267b
+NVRTC_DIR=$CACHE_DIR/nvrtc-$NVRTC_VERSION
 K8S_BIN=$CACHE_DIR/k8s-$K8S_VERSION/bin
 HELM_BIN=$CACHE_DIR/helm-$HELM_VERSION/bin
 PROM_BIN=$CACHE_DIR/prometheus-$PROM_VERSION/bin

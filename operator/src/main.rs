@@ -63,6 +63,16 @@ struct Args {
     lease_namespace: String,
     #[arg(long, env = "POD_NAME", default_value = "pdfleet-operator")]
     identity: String,
+    /// The Lease the replicas of one installation elect their leader with.
+    #[arg(long, default_value = "pdfleet-operator")]
+    lease_name: String,
+    /// Watch pools in this namespace only (a Role there is then enough); every namespace when
+    /// unset.
+    #[arg(long, env = "PDFLEET_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// The ClusterRole each pool's router is bound to, in the pool's namespace.
+    #[arg(long, default_value = "pdfleet-router")]
+    router_cluster_role: String,
     /// Logs as JSON lines.
     #[arg(long)]
     json_logs: bool,
@@ -79,6 +89,18 @@ struct Args {
     /// then fetches URLs that anyone who can write a pool chooses. Off by default.
     #[arg(long, env = "PDFLEET_ALLOW_POOL_PROMETHEUS")]
     allow_pool_prometheus: bool,
+}
+
+/// The API of a kind in the watched namespace, or in all of them.
+fn watched<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 const CRD_NAMES: [&str; 2] = ["inferencepools.pdfleet.dev", "rolescales.pdfleet.dev"];
@@ -142,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
         lease::LeaderElection::new(
             client.clone(),
             &args.lease_namespace,
-            "pdfleet-operator",
+            &args.lease_name,
             &format!("{}_{suffix:08x}", args.identity),
         )
     });
@@ -158,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         defaults: build::Defaults {
             worker_image: args.worker_image,
             router_image: args.router_image,
+            router_cluster_role: args.router_cluster_role,
         },
         recorder: Recorder::new(
             client.clone(),
@@ -170,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
     });
     // Pools wake the controller when their spec changes (a new generation), not when the
     // operator writes their status.
-    let pools: Api<InferencePool> = Api::all(client.clone());
+    let pools: Api<InferencePool> = watched(&client, &args.watch_namespace);
     let (reader, writer) = reflector::store();
     let pool_changes = watcher(pools, watcher::Config::default())
         .default_backoff()
@@ -184,16 +207,14 @@ async fn main() -> anyhow::Result<()> {
     ));
     // The planner runs on its own clock and wakes a pool's reconcile when it decides.
     tokio::spawn(Autoscaler::run(ctx.clone(), reader.clone()));
+    let ns = &args.watch_namespace;
     let controller = Controller::for_stream(pool_changes, reader)
         .reconcile_on(UnboundedReceiverStream::new(woken))
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(Api::<RoleScale>::all(client.clone()), owned)
+        .owns(watched::<Deployment>(&client, ns), owned.clone())
+        .owns(watched::<Service>(&client, ns), owned.clone())
+        .owns(watched::<ConfigMap>(&client, ns), owned.clone())
+        .owns(watched::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(watched::<RoleScale>(&client, ns), owned)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -169,11 +169,7 @@ async fn run(pool: &InferencePool, ctx: &Context) -> Result<Action, Error> {
         let mut ready = BTreeMap::new();
         let mut recommended = BTreeMap::new();
         for (role, _) in build::roles(pool) {
-            let rs = match role {
-                Role::Prefill => st.prefill.as_ref(),
-                Role::Decode => st.decode.as_ref(),
-                Role::Unified => st.unified.as_ref(),
-            };
+            let rs = st.role(role);
             ready.insert(role, rs.map_or(0, |r| r.ready));
             if let Some(r) = rs.and_then(|r| r.recommended) {
                 recommended.insert(role, r);
@@ -181,6 +177,20 @@ async fn run(pool: &InferencePool, ctx: &Context) -> Result<Action, Error> {
         }
         report_scales(&ctx.client, pool, &ready, &recommended).await?;
     }
+    let roles: Vec<(Role, i32, i32)> = build::roles(pool)
+        .into_iter()
+        .map(|(role, _)| {
+            let rs = st.role(role);
+            (role, rs.map_or(0, |r| r.desired), rs.map_or(0, |r| r.ready))
+        })
+        .collect();
+    ctx.metrics.observe_pool(
+        &pool.namespace().unwrap_or_default(),
+        &pool.name_any(),
+        &roles,
+        pool.spec.slo.as_ref(),
+        &st.conditions,
+    );
     let settled = st.conditions.iter().all(|c| match c.type_.as_str() {
         "Ready" | "Placement" => c.status == "True",
         _ => true,
@@ -251,10 +261,7 @@ mod tests {
         Arc::new(Context {
             client: client.clone(),
             autoscaler: Autoscaler::new(prom, tokio::sync::mpsc::unbounded_channel().0),
-            defaults: Defaults {
-                worker_image: "pdfleet/worker:dev".into(),
-                router_image: "pdfleet/router:dev".into(),
-            },
+            defaults: crate::build::tests::defaults(),
             recorder: Recorder::new(
                 client,
                 Reporter {

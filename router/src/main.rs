@@ -80,7 +80,11 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(pool.clone().poll_forever(Duration::from_millis(500)));
 
     let pod = args.pod.clone().unwrap_or_else(|| "router".into());
-    let metrics = metrics::RouterMetrics::new(&args.pool, &pod);
+    let slo = args.slo_ttft_ms.map(|ttft| metrics::Slo {
+        ttft_s: ttft as f64 / 1e3,
+        itl_s: args.slo_itl_ms.map(|itl| itl as f64 / 1e3),
+    });
+    let metrics = metrics::RouterMetrics::new(&args.pool, &pod, slo);
     let app = Arc::new(server::App {
         pool: pool.clone(),
         limits: api::ModelLimits {

@@ -22,6 +22,42 @@ pub struct RouterMetrics {
     pub requested_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     ttft_parts: HistogramVec,
+    slo: Option<Slo>,
+    slo_requests: IntCounterVec,
+}
+
+/// The pool's latency targets, in seconds: a request meets them when its time to first token
+/// and its mean inter-token latency are both within.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slo {
+    pub ttft_s: f64,
+    pub itl_s: Option<f64>,
+}
+
+/// How one request fared against each target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub ttft: bool,
+    pub itl: bool,
+}
+
+impl Verdict {
+    pub const MISSED: Verdict = Verdict {
+        ttft: false,
+        itl: false,
+    };
+}
+
+impl Slo {
+    pub fn judge(&self, ttft_s: f64, mean_itl_s: Option<f64>) -> Verdict {
+        Verdict {
+            ttft: ttft_s <= self.ttft_s,
+            itl: match (self.itl_s, mean_itl_s) {
+                (Some(target), Some(itl)) => itl <= target,
+                _ => true,
+            },
+        }
+    }
 }
 
 /// Where one disaggregated request's time to first token went, in seconds.
@@ -33,7 +69,7 @@ pub struct TtftSplit {
 }
 
 impl RouterMetrics {
-    pub fn new(pool: &str, pod: &str) -> Self {
+    pub fn new(pool: &str, pod: &str, slo: Option<Slo>) -> Self {
         let registry = metrics::registry(pool, labels::ROUTER, pod);
         let hist = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
@@ -69,6 +105,25 @@ impl RouterMetrics {
         registry
             .register(Box::new(ttft_parts.clone()))
             .expect("unique metric");
+        let slo_requests = IntCounterVec::new(
+            Opts::new(
+                names::SLO_REQUESTS,
+                "Requests judged against the pool's SLO, per target: met or missed",
+            ),
+            &["target", "result"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(slo_requests.clone()))
+            .expect("unique metric");
+        if slo.is_some() {
+            // Every series exists from the start, so a ratio is defined before the first miss.
+            for target in ["ttft", "itl", "both"] {
+                for result in ["met", "missed"] {
+                    slo_requests.with_label_values(&[target, result]);
+                }
+            }
+        }
         let inflight =
             IntGauge::new(names::INFLIGHT, "Requests being served").expect("valid gauge");
         registry
@@ -101,6 +156,23 @@ impl RouterMetrics {
             ttft_parts,
             inflight,
             registry,
+            slo,
+            slo_requests,
+        }
+    }
+
+    pub fn slo(&self) -> Option<Slo> {
+        self.slo
+    }
+
+    /// Counts a request as meeting each target or not (nothing without targets).
+    pub fn judged(&self, v: Verdict) {
+        if self.slo.is_none() {
+            return;
+        }
+        for (target, met) in [("ttft", v.ttft), ("itl", v.itl), ("both", v.ttft && v.itl)] {
+            let result = if met { "met" } else { "missed" };
+            self.slo_requests.with_label_values(&[target, result]).inc();
         }
     }
 
@@ -120,5 +192,69 @@ impl RouterMetrics {
 
     pub fn encode(&self) -> String {
         metrics::encode(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_judged_by_their_first_token_and_mean_gap() {
+        let slo = Slo {
+            ttft_s: 0.5,
+            itl_s: Some(0.05),
+        };
+        let v = |ttft, itl| {
+            let v = slo.judge(ttft, itl);
+            (v.ttft, v.itl)
+        };
+        assert_eq!(v(0.5, Some(0.05)), (true, true));
+        assert_eq!(v(0.51, Some(0.01)), (false, true), "late first token");
+        assert_eq!(v(0.1, Some(0.06)), (true, false), "slow stream");
+        assert_eq!(v(0.1, None), (true, true), "one token: no gap to judge");
+        let no_itl = Slo {
+            ttft_s: 0.5,
+            itl_s: None,
+        };
+        assert!(no_itl.judge(0.2, Some(9.0)).itl);
+
+        // The value of a series (label order is the registry's).
+        let count = |m: &RouterMetrics, target: &str, result: &str| -> Option<u64> {
+            m.encode()
+                .lines()
+                .find(|l| {
+                    l.starts_with("pdfleet_router_slo_requests_total{")
+                        && l.contains(&format!("target=\"{target}\""))
+                        && l.contains(&format!("result=\"{result}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        };
+        let m = RouterMetrics::new("chat", "router-0", Some(slo));
+        assert_eq!(
+            count(&m, "both", "missed"),
+            Some(0),
+            "every series exists before any request"
+        );
+        m.judged(slo.judge(0.1, Some(0.01)));
+        m.judged(slo.judge(0.9, Some(0.01)));
+        m.judged(Verdict::MISSED);
+        let counts: Vec<_> = ["ttft", "itl", "both"]
+            .iter()
+            .map(|t| {
+                (
+                    count(&m, t, "met").unwrap(),
+                    count(&m, t, "missed").unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(counts, [(1, 2), (2, 1), (1, 2)]);
+        let without = RouterMetrics::new("chat", "router-0", None);
+        without.judged(Verdict::MISSED);
+        assert_eq!(
+            count(&without, "both", "met"),
+            None,
+            "no targets, no series"
+        );
     }
 }

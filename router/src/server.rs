@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
-use crate::metrics::{RouterMetrics, TtftSplit};
+use crate::metrics::{RouterMetrics, TtftSplit, Verdict};
 use crate::pool::{InflightGuard, PickError, Pool};
 use crate::tokenizer;
 
@@ -362,21 +362,37 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Records latencies as tokens go out to the client.
+/// Records latencies as tokens go out to the client, and judges the request against the SLO.
 struct Timing {
     start: Instant,
+    first: Option<Instant>,
     last: Option<Instant>,
+    tokens: u32,
     metrics: RouterMetrics,
 }
 
 impl Timing {
+    fn new(start: Instant, metrics: RouterMetrics) -> Self {
+        Timing {
+            start,
+            first: None,
+            last: None,
+            tokens: 0,
+            metrics,
+        }
+    }
+
     fn token(&mut self) {
         let now = Instant::now();
         match self.last {
-            None => self.metrics.ttft.observe((now - self.start).as_secs_f64()),
+            None => {
+                self.metrics.ttft.observe((now - self.start).as_secs_f64());
+                self.first = Some(now);
+            }
             Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
         }
         self.metrics.generated_tokens.inc();
+        self.tokens += 1;
         self.last = Some(now);
     }
 
@@ -385,6 +401,25 @@ impl Timing {
         if outcome == "ok" {
             self.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
         }
+        let Some(slo) = self.metrics.slo() else {
+            return;
+        };
+        let verdict = match (outcome, self.first) {
+            ("ok", Some(first)) => {
+                let ttft = (first - self.start).as_secs_f64();
+                let mean_itl = (self.tokens > 1).then(|| {
+                    let last = self.last.unwrap_or(first);
+                    (last - first).as_secs_f64() / (self.tokens - 1) as f64
+                });
+                slo.judge(ttft, mean_itl)
+            }
+            // Served with no token (max_tokens reached at once): judged on time alone.
+            ("ok", None) => slo.judge(self.start.elapsed().as_secs_f64(), None),
+            // The client asked for something the pool cannot serve: not the pool's miss.
+            ("refused", _) => return,
+            _ => Verdict::MISSED,
+        };
+        self.metrics.judged(verdict);
     }
 }
 
@@ -422,11 +457,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
             PoolMode::Colocated => tokio::spawn(run_unified(app, req, id, tx)),
         })
     };
-    let mut timing = Timing {
-        start,
-        last: None,
-        metrics: app.metrics.clone(),
-    };
+    let mut timing = Timing::new(start, app.metrics.clone());
     // Up to the first token a failure is an HTTP error; after it, an error event in the stream.
     let first = match rx.recv().await {
         Some(GenEvent::Refused(e)) => {

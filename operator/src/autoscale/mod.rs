@@ -195,6 +195,12 @@ impl Autoscaler {
             let pools = pools.state();
             let me = &ctx.autoscaler;
             me.forget_all_but(&ctx, &pools);
+            ctx.metrics.retain_pools(
+                &pools
+                    .iter()
+                    .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+                    .collect(),
+            );
             let now = Instant::now();
             let due: Vec<Arc<InferencePool>> =
                 pools.into_iter().filter(|p| me.due(&ctx, p, now)).collect();
@@ -214,7 +220,7 @@ impl Autoscaler {
         states.retain(|k, state| {
             let keep = live.contains(k);
             if !keep {
-                ctx.metrics.forget_pool(&state.pool.0, &state.pool.1);
+                ctx.metrics.forget_planner(&state.pool.0, &state.pool.1);
             }
             keep
         });
@@ -226,7 +232,7 @@ impl Autoscaler {
         let mut states = self.pools.lock().expect("not poisoned");
         let Some(cfg) = config(pool) else {
             if let Some(gone) = states.remove(&key(pool)) {
-                ctx.metrics.forget_pool(&gone.pool.0, &gone.pool.1);
+                ctx.metrics.forget_planner(&gone.pool.0, &gone.pool.1);
             }
             return false;
         };

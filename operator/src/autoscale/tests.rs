@@ -14,7 +14,6 @@ use serde_json::{json, Value};
 
 use super::prometheus::Prometheus;
 use super::{Autoscaler, PromConfig};
-use crate::build::Defaults;
 use crate::fake_api::FakeApi;
 use crate::metrics::Metrics;
 use crate::reconcile::{reconcile, Context};
@@ -97,10 +96,7 @@ fn context(api: &FakeApi, prom: Option<&str>) -> Arc<Context> {
             },
             tokio::sync::mpsc::unbounded_channel().0,
         ),
-        defaults: Defaults {
-            worker_image: "pdfleet/worker:dev".into(),
-            router_image: "pdfleet/router:dev".into(),
-        },
+        defaults: crate::build::tests::defaults(),
         recorder: Recorder::new(
             client,
             Reporter {

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServiceAccount,
+    Capabilities, ConfigMap, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference,
+    ObjectFieldSelector, PodSecurityContext, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use pdfleet_api::labels;
 use pdfleet_api::Role;
 use pdfleet_crds::{
-    AutoscalingMode, InferencePool, ResourceSpec, RoleScale, RoleScaleSpec, RoleSpec,
+    AutoscalingMode, InferencePool, PodSettings, ResourceSpec, RoleScale, RoleScaleSpec, RoleSpec,
 };
 
 pub use router::{router_deployment, router_role_binding, router_service, router_service_account};
@@ -35,6 +35,8 @@ use crate::names::Names;
 pub struct Defaults {
     pub worker_image: String,
     pub router_image: String,
+    /// The ClusterRole routers are bound to (named by the chart's release).
+    pub router_cluster_role: String,
 }
 
 /// What a child of a pool is for: a worker role's, the router's, or the pool's config maps.
@@ -197,6 +199,45 @@ fn container_security() -> SecurityContext {
     }
 }
 
+/// A part's pod settings on its pod template: the scheduling fields, extra labels (the
+/// operator's own keys are refused by the CRD and would lose here anyway) and annotations (which
+/// win, so users can change how their Prometheus scrapes).
+fn with_pod_settings(
+    mut template: PodTemplateSpec,
+    settings: Option<&PodSettings>,
+) -> PodTemplateSpec {
+    let Some(s) = settings else {
+        return template;
+    };
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    let labels = meta.labels.get_or_insert_with(Default::default);
+    for (k, v) in &s.labels {
+        labels.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    if !s.annotations.is_empty() {
+        let annotations = meta.annotations.get_or_insert_with(Default::default);
+        annotations.extend(s.annotations.clone());
+    }
+    let pod = template.spec.get_or_insert_with(Default::default);
+    if !s.tolerations.is_empty() {
+        pod.tolerations = Some(s.tolerations.clone());
+    }
+    if !s.node_selector.is_empty() {
+        pod.node_selector = Some(s.node_selector.clone());
+    }
+    pod.runtime_class_name = s.runtime_class_name.clone();
+    pod.priority_class_name = s.priority_class_name.clone();
+    if !s.image_pull_secrets.is_empty() {
+        pod.image_pull_secrets = Some(
+            s.image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect(),
+        );
+    }
+    template
+}
+
 fn scrape_annotations(port: u16) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
@@ -289,7 +330,8 @@ pub fn children(
     }
     if pool.spec.router.replicas > 0 {
         c.service_accounts.push(router_service_account(pool));
-        c.role_bindings.push(router_role_binding(pool));
+        c.role_bindings
+            .push(router_role_binding(pool, &defaults.router_cluster_role));
         c.deployments.push(router_deployment(pool, defaults));
         c.services.push(router_service(pool));
     }
@@ -297,7 +339,7 @@ pub fn children(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pdfleet_crds::InferencePoolSpec;
 
@@ -313,6 +355,7 @@ mod tests {
         Defaults {
             worker_image: "pdfleet/worker:dev".into(),
             router_image: "pdfleet/router:dev".into(),
+            router_cluster_role: "pdfleet-router".into(),
         }
     }
 

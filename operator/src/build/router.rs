@@ -18,12 +18,8 @@ use pdfleet_crds::{InferencePool, ServiceType};
 
 use super::{
     child_name, container_security, field_env, http_probe, meta, names, pod_security, resources,
-    scrape_annotations, selector, Defaults, Part,
+    scrape_annotations, selector, with_pod_settings, Defaults, Part,
 };
-
-/// The ClusterRole (from the chart) that lets a router watch its pool's EndpointSlices and
-/// topology map; bound in the pool's namespace only.
-pub const ROUTER_CLUSTER_ROLE: &str = "pdfleet-router";
 
 /// The router's configuration: it finds the workers of the pool's mode through the pool's
 /// EndpointSlices.
@@ -46,6 +42,8 @@ pub fn router_config(pool: &InferencePool) -> RouterArgs {
             .as_ref()
             .map(|_| child_name(pool, Part::Topology)),
         pool: pool.name_any(),
+        slo_ttft_ms: pool.spec.slo.as_ref().map(|s| s.ttft_ms),
+        slo_itl_ms: pool.spec.slo.as_ref().map(|s| s.itl_ms),
         ..RouterArgs::new()
     }
 }
@@ -57,13 +55,15 @@ pub fn router_service_account(pool: &InferencePool) -> ServiceAccount {
     }
 }
 
-pub fn router_role_binding(pool: &InferencePool) -> RoleBinding {
+/// Binds the router to the ClusterRole (from the chart) that lets it watch its pool's
+/// EndpointSlices and topology map, in the pool's namespace only.
+pub fn router_role_binding(pool: &InferencePool, cluster_role: &str) -> RoleBinding {
     RoleBinding {
         metadata: meta(pool, child_name(pool, Part::Router), Part::Router),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
-            name: ROUTER_CLUSTER_ROLE.into(),
+            name: cluster_role.into(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
@@ -124,19 +124,22 @@ pub fn router_deployment(pool: &InferencePool, defaults: &Defaults) -> Deploymen
                 match_labels: Some(selector(pool, Part::Router)),
                 ..Default::default()
             },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(scrape_annotations(labels::ROUTER_METRICS_PORT)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    service_account_name: Some(child_name(pool, Part::Router)),
-                    security_context: Some(pod_security()),
-                    ..Default::default()
-                }),
-            },
+            template: with_pod_settings(
+                PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(scrape_annotations(labels::ROUTER_METRICS_PORT)),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        service_account_name: Some(child_name(pool, Part::Router)),
+                        security_context: Some(pod_security()),
+                        ..Default::default()
+                    }),
+                },
+                r.pod.as_ref(),
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -201,7 +204,10 @@ mod tests {
         let h = super::super::role_service(&p, Role::Decode);
         assert_eq!(h.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"));
         assert_eq!(h.metadata.labels.unwrap()[labels::ROLE], "decode");
-        assert_eq!(router_role_binding(&p).role_ref.name, ROUTER_CLUSTER_ROLE);
+        assert_eq!(
+            router_role_binding(&p, "rel-pdfleet-router").role_ref.name,
+            "rel-pdfleet-router"
+        );
     }
 
     #[test]

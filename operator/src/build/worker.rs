@@ -16,12 +16,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use pdfleet_api::labels::{self, env};
 use pdfleet_api::worker_args::{EngineArgs, ModelArgs, StepPad, WorkerArgs};
-use pdfleet_api::Role;
+use pdfleet_api::{BackendKind, Role};
 use pdfleet_crds::{InferencePool, RoleSpec, TopologyPolicy};
 
 use super::{
     child_name, container_security, field_env, http_probe, meta, pod_security, resources,
-    scrape_annotations, selector, Defaults, Part,
+    scrape_annotations, selector, with_pod_settings, Defaults, Part,
 };
 
 /// The worker's configuration, from the model and the role's engine knobs (unset ones take the
@@ -55,6 +55,12 @@ pub fn worker_config(pool: &InferencePool, role: Role, spec: &RoleSpec) -> Worke
             max_running: knob(e.max_running, defaults.max_running),
             max_waiting: defaults.max_waiting,
         },
+        // A pod that holds a GPU runs on it or fails its start; one without runs on the CPU.
+        backend: e.backend.unwrap_or(if spec.resources.gpus > 0 {
+            BackendKind::Cuda
+        } else {
+            BackendKind::Cpu
+        }),
         kv_wire_f16: e.kv_wire_f16 && role == Role::Prefill,
         pad_step_ms: (e.pad_step_ms.is_some() || e.pad_step_per_sequence_ms.is_some()).then(|| {
             StepPad {
@@ -244,25 +250,28 @@ pub fn worker_deployment(
                     max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(scrape_annotations(labels::METRICS_PORT)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    affinity,
-                    topology_spread_constraints: spread,
-                    security_context: Some(pod_security()),
-                    // Workers talk gRPC to each other, never to the API server.
-                    automount_service_account_token: Some(false),
-                    // The worker drains for its grace period; leave it a little more.
-                    termination_grace_period_seconds: Some(spec.grace_period_seconds + 5),
-                    volumes: Some(std::iter::once(scratch).chain(weights).collect()),
-                    ..Default::default()
-                }),
-            },
+            template: with_pod_settings(
+                PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(scrape_annotations(labels::METRICS_PORT)),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        affinity,
+                        topology_spread_constraints: spread,
+                        security_context: Some(pod_security()),
+                        // Workers talk gRPC to each other, never to the API server.
+                        automount_service_account_token: Some(false),
+                        // The worker drains for its grace period; leave it a little more.
+                        termination_grace_period_seconds: Some(spec.grace_period_seconds + 5),
+                        volumes: Some(std::iter::once(scratch).chain(weights).collect()),
+                        ..Default::default()
+                    }),
+                },
+                spec.pod.as_ref(),
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -376,6 +385,59 @@ mod tests {
             args.contains("--num-blocks 8192") && !args.contains("--kv-wire-f16"),
             "{args}"
         );
+    }
+
+    #[test]
+    fn a_role_with_gpus_runs_cuda_and_its_pods_carry_their_settings() {
+        let p = pool(
+            "chat",
+            serde_json::json!({"model": {},
+                "prefill": {"resources": {"gpus": 1}, "pod": {
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "nodeSelector": {"gpu": "h200"}, "runtimeClassName": "nvidia",
+                    "priorityClassName": "inference", "imagePullSecrets": ["regcred"],
+                    "labels": {"team": "ml", "pdfleet.dev/role": "mine"},
+                    "annotations": {"prometheus.io/scrape": "false"}}},
+                "decode": {"resources": {"gpus": 1}, "engine": {"backend": "cpu"}}}),
+        );
+        let rs = super::super::roles(&p);
+        let args = |i: usize| worker_config(&p, rs[i].0, rs[i].1).to_args().join(" ");
+        assert!(args(0).contains("--backend cuda"), "{}", args(0));
+        assert!(
+            args(1).contains("--backend cpu"),
+            "an explicit backend wins"
+        );
+        let cpu_only = pool(
+            "c",
+            serde_json::json!({"model": {}, "prefill": {}, "decode": {}}),
+        );
+        let r = super::super::roles(&cpu_only);
+        assert!(worker_config(&cpu_only, r[0].0, r[0].1)
+            .to_args()
+            .join(" ")
+            .contains("--backend cpu"));
+
+        let t = worker_deployment(&p, Role::Prefill, rs[0].1, 1, &defaults())
+            .spec
+            .unwrap()
+            .template;
+        let pod = t.spec.unwrap();
+        assert_eq!(
+            pod.tolerations.unwrap()[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+        assert_eq!(pod.node_selector.unwrap()["gpu"], "h200");
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("inference"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+        let meta = t.metadata.unwrap();
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "ml");
+        assert_eq!(
+            labels["pdfleet.dev/role"], "prefill",
+            "the selector's labels stay"
+        );
+        assert_eq!(meta.annotations.unwrap()["prometheus.io/scrape"], "false");
     }
 
     #[test]
