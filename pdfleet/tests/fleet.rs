@@ -74,6 +74,8 @@ async fn bad_requests_get_a_400_naming_the_field_and_overload_a_429() {
         (json!({"prompt": [1], "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": [1], "max_tokens": 5000}), "max_tokens"),
         (json!({"prompt": [1], "temperature": "hot"}), "temperature"),
+        (json!({"prompt": [1], "stop": ["."]}), "stop"),
+        (json!({"prompt": [1], "logprobs": 5}), "logprobs"),
     ] {
         let (status, v) = complete(&fleet.url, body.clone()).await;
         assert_eq!(
@@ -82,6 +84,17 @@ async fn bad_requests_get_a_400_naming_the_field_and_overload_a_429() {
             "{body}"
         );
     }
+    // A body over the limit is refused as a whole, in the same error shape.
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2 << 20));
+    let r = client
+        .post(format!("{}/v1/completions", fleet.url))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "body", "{v}");
     // One request in flight per worker: concurrent long ones overflow into 429 with Retry-After,
     // and every request is either served in full or refused, never lost.
     let long: Vec<u32> = (0..200).map(|i| i % 100).collect();

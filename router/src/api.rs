@@ -1,5 +1,7 @@
 //! The OpenAI-compatible request and its validation: every refusal names the field at fault.
 
+use std::borrow::Cow;
+
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -21,17 +23,17 @@ pub struct CompletionRequest {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub kind: &'static str,
     pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
-    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
             kind: "invalid_request_error",
             retry_after_s: None,
         }
@@ -90,12 +92,75 @@ pub struct ModelLimits {
     pub max_seq_len: usize,
 }
 
+/// The fields a completion request may carry.
+const SUPPORTED: [&str; 7] = [
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "stream",
+    "n",
+];
+
+/// Fields of the OpenAI API that pdfleet does not implement, accepted only with the value that
+/// changes nothing (null, or the API's default); any other value is refused by name rather
+/// than silently ignored.
+fn harmless(field: &str, v: &Value) -> bool {
+    let zero = |v: &Value| v.as_f64() == Some(0.0);
+    v.is_null()
+        || match field {
+            "user" => v.is_string(),
+            "top_p" => v.as_f64() == Some(1.0),
+            "best_of" => v.as_u64() == Some(1),
+            "frequency_penalty" | "presence_penalty" => zero(v),
+            "echo" => v == &Value::Bool(false),
+            "stop" => v.as_array().is_some_and(|a| a.is_empty()),
+            "logit_bias" => v.as_object().is_some_and(|o| o.is_empty()),
+            _ => false,
+        }
+}
+
+/// The size of a request body above which the router answers 413 without reading on.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A body that could not be read (over the limit, or broken off), in the API's error shape.
+pub fn body_refused(rejection: &axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("request body is over {MAX_BODY_BYTES} bytes")
+    } else {
+        format!("request body could not be read: {}", rejection.body_text())
+    };
+    ApiError {
+        status,
+        ..ApiError::invalid("body", message)
+    }
+}
+
 pub fn parse(body: &[u8], limits: &ModelLimits) -> Result<CompletionRequest, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("request body is not valid JSON: {e}")))?;
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("body", "request body must be a JSON object"))?;
+    let mut unsupported: Vec<&String> = obj
+        .iter()
+        .filter(|(k, v)| !SUPPORTED.contains(&k.as_str()) && !harmless(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    if !unsupported.is_empty() {
+        unsupported.sort();
+        let names: Vec<&str> = unsupported.iter().map(|k| k.as_str()).collect();
+        return Err(ApiError::invalid(
+            unsupported[0].clone(),
+            format!(
+                "not supported by this server: {} (it serves {})",
+                names.join(", "),
+                SUPPORTED.join(", ")
+            ),
+        ));
+    }
     if let Some(m) = obj.get("model") {
         let m = m
             .as_str()
@@ -107,7 +172,7 @@ pub fn parse(body: &[u8], limits: &ModelLimits) -> Result<CompletionRequest, Api
                     "model {m:?} is not served here; this pool serves {:?}",
                     limits.name
                 ),
-                param: Some("model"),
+                param: Some("model".into()),
                 kind: "invalid_request_error",
                 retry_after_s: None,
             });
@@ -218,9 +283,13 @@ mod tests {
         }
     }
 
-    fn err(body: &str) -> (StatusCode, Option<&'static str>, String) {
+    fn err(body: &str) -> (StatusCode, Option<String>, String) {
         let e = parse(body.as_bytes(), &limits()).unwrap_err();
-        (e.status, e.param, e.message)
+        (
+            e.status,
+            e.param.as_deref().map(|p| p.to_string()),
+            e.message,
+        )
     }
 
     #[test]
@@ -247,34 +316,69 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        assert_eq!(err("{nope").1, Some("body"));
+        assert_eq!(err("{nope").1.as_deref(), Some("body"));
         assert!(err("{nope").2.contains("not valid JSON"));
-        assert_eq!(err(r#"{"max_tokens":3}"#).1, Some("prompt"));
+        assert_eq!(err(r#"{"max_tokens":3}"#).1.as_deref(), Some("prompt"));
         assert_eq!(err(r#"{"prompt":""}"#).2, "prompt is empty");
         assert!(err(r#"{"prompt":[1,100]}"#)
             .2
             .contains("token id 100 at 1 is outside the vocabulary"));
-        assert_eq!(err(r#"{"prompt":[[1]]}"#).1, Some("prompt"));
+        assert_eq!(err(r#"{"prompt":[[1]]}"#).1.as_deref(), Some("prompt"));
         assert!(err(&format!(r#"{{"prompt":{:?}}}"#, vec![1u32; 64]))
             .2
             .contains("prompt is too long: 64 tokens"));
         assert_eq!(
-            err(r#"{"prompt":[1],"max_tokens":0}"#).1,
+            err(r#"{"prompt":[1],"max_tokens":0}"#).1.as_deref(),
             Some("max_tokens")
         );
         assert!(err(r#"{"prompt":[1],"max_tokens":64}"#)
             .2
             .contains("from 1 to 63"));
         assert_eq!(
-            err(r#"{"prompt":[1],"temperature":-1}"#).1,
+            err(r#"{"prompt":[1],"temperature":-1}"#).1.as_deref(),
             Some("temperature")
         );
-        assert_eq!(err(r#"{"prompt":[1],"stream":"yes"}"#).1, Some("stream"));
-        assert_eq!(err(r#"{"prompt":[1],"n":2}"#).1, Some("n"));
+        assert_eq!(
+            err(r#"{"prompt":[1],"stream":"yes"}"#).1.as_deref(),
+            Some("stream")
+        );
+        assert_eq!(err(r#"{"prompt":[1],"n":2}"#).1.as_deref(), Some("n"));
         let (status, param, _) = err(r#"{"model":"gpt","prompt":[1]}"#);
-        assert_eq!((status, param), (StatusCode::NOT_FOUND, Some("model")));
+        assert_eq!(
+            (status, param.as_deref()),
+            (StatusCode::NOT_FOUND, Some("model"))
+        );
         assert!(err(r#"{"prompt":"é"}"#)
             .2
             .contains("outside the toy tokenizer's alphabet"));
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name_unless_they_change_nothing() {
+        let (status, param, message) =
+            err(r#"{"prompt":[1],"stop":["x"],"logprobs":2,"top_p":0.9}"#);
+        assert_eq!(
+            (status, param.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("logprobs"))
+        );
+        assert!(
+            message.contains("not supported by this server: logprobs, stop, top_p"),
+            "{message}"
+        );
+        assert_eq!(
+            err(r#"{"prompt":[1],"max_token":5}"#).1.as_deref(),
+            Some("max_token")
+        );
+        assert_eq!(
+            err(r#"{"prompt":[1],"echo":true}"#).1.as_deref(),
+            Some("echo")
+        );
+        // The defaults, null, and a user tag change nothing.
+        parse(
+            br#"{"prompt":[1],"top_p":1,"stop":[],"logprobs":null,"echo":false,"best_of":1,
+                "frequency_penalty":0,"presence_penalty":0.0,"logit_bias":{},"user":"u-1"}"#,
+            &limits(),
+        )
+        .unwrap();
     }
 }

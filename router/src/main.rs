@@ -115,7 +115,8 @@ async fn main() -> anyhow::Result<()> {
                 }
             }),
         )
-        .with_state(app);
+        .with_state(app)
+        .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES));
     match args.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;

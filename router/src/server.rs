@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -431,8 +432,18 @@ impl Drop for InflightMetric {
     }
 }
 
-pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let start = Instant::now();
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            app.metrics.requests.with_label_values(&["invalid"]).inc();
+            return api::body_refused(&rejection).into_response();
+        }
+    };
     let req = match api::parse(&body, &app.limits) {
         Ok(r) => r,
         Err(e) => {
