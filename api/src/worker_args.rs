@@ -355,6 +355,15 @@ pub struct RouterArgs {
     /// The pool's inter-token latency target (the request's mean), with `--slo-ttft-ms`.
     #[arg(long, requires = "slo_ttft_ms")]
     pub slo_itl_ms: Option<u32>,
+    /// A client must send its request headers within this many seconds (slowloris).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_s: u64,
+    /// ... and its request body within this many.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_s: u64,
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 impl RouterArgs {
@@ -380,6 +389,9 @@ impl RouterArgs {
             pod: None,
             slo_ttft_ms: None,
             slo_itl_ms: None,
+            header_timeout_s: 10,
+            body_timeout_s: 30,
+            max_connections: 4096,
         }
     }
 
@@ -444,6 +456,9 @@ impl RouterArgs {
         if let Some(t) = self.slo_itl_ms {
             a.flag("--slo-itl-ms", t);
         }
+        a.flag("--header-timeout-s", self.header_timeout_s);
+        a.flag("--body-timeout-s", self.body_timeout_s);
+        a.flag("--max-connections", self.max_connections);
         a.0
     }
 }
@@ -588,6 +603,9 @@ mod tests {
         a.max_retries = 0;
         a.slo_ttft_ms = Some(500);
         a.slo_itl_ms = Some(50);
+        a.header_timeout_s = 3;
+        a.body_timeout_s = 7;
+        a.max_connections = 12;
         assert_eq!(parse_router(a.to_args()).unwrap(), a);
     }
 }

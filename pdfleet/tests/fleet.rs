@@ -406,3 +406,72 @@ async fn the_planners_signals_add_up_to_the_requests_served() {
     assert!(grew(decode, worker::DECODE_STEP_SECONDS, &[]) > 0.0);
     assert_eq!(grew(decode, worker::PREFILL_TOKENS, &[]), 0.0);
 }
+
+/// A client that never finishes its request headers is cut off after the header timeout, one
+/// that never finishes its body gets a 408 in the API's error shape, and connections past the
+/// cap wait in the backlog without stopping a real request once the idle ones time out.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_clients_are_cut_off_and_the_router_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let fleet = start(
+        Mode::Colocated,
+        &[],
+        &[
+            "--header-timeout-s",
+            "1",
+            "--body-timeout-s",
+            "1",
+            "--max-connections",
+            "16",
+        ],
+    )
+    .await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    // Reads until the router closes the connection; what it sent, and how long that took.
+    async fn until_closed(s: &mut TcpStream) -> (String, Duration) {
+        let start = std::time::Instant::now();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the router closes a stalled connection")
+            .ok();
+        (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+    }
+
+    let mut slowloris = TcpStream::connect(&addr).await.unwrap();
+    slowloris
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let (_, took) = until_closed(&mut slowloris).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "headers cut off after {took:?}"
+    );
+
+    let mut slow_body = TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\"")
+        .await
+        .unwrap();
+    let (reply, _) = until_closed(&mut slow_body).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains(r#""param":"body""#), "{reply}");
+
+    // Twice the cap of connections that send nothing: the cap's worth are cut off by the header
+    // timeout, the rest then get their turn and are cut off too; a real request is served.
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let start = std::time::Instant::now();
+    let (status, body) = complete(&fleet.url, json!({"prompt": [1, 2, 3], "max_tokens": 4})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "served after {:?}",
+        start.elapsed()
+    );
+    drop(idle);
+}

@@ -1,6 +1,9 @@
 //! The OpenAI-compatible request and its validation: every refusal names the field at fault.
 
 use std::borrow::Cow;
+use std::time::Duration;
+
+use axum::body::Bytes;
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -124,17 +127,33 @@ fn harmless(field: &str, v: &Value) -> bool {
 /// The size of a request body above which the router answers 413 without reading on.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// A body that could not be read (over the limit, or broken off), in the API's error shape.
-pub fn body_refused(rejection: &axum::extract::rejection::BytesRejection) -> ApiError {
-    let status = rejection.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!("request body is over {MAX_BODY_BYTES} bytes")
-    } else {
-        format!("request body could not be read: {}", rejection.body_text())
-    };
-    ApiError {
+/// Reads a request body within its deadline and size limit; a body that is too large, late
+/// or broken off is refused in the API's error shape (413, 408, 400).
+pub async fn read_body(body: axum::body::Body, within: Duration) -> Result<Bytes, ApiError> {
+    let refused = |status, message: String| ApiError {
         status,
         ..ApiError::invalid("body", message)
+    };
+    match tokio::time::timeout(within, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            Err(if e.is::<http_body_util::LengthLimitError>() {
+                refused(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is over {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                refused(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body could not be read: {e}"),
+                )
+            })
+        }
+        Err(_) => Err(refused(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {} s", within.as_secs()),
+        )),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod api;
 mod discovery;
+mod listen;
 mod metrics;
 mod pool;
 mod server;
@@ -14,7 +15,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use clap::Parser;
 use pdfleet_api::worker_args::RouterArgs;
 
@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         },
         metrics: metrics.clone(),
         max_retries: args.max_retries,
+        body_timeout: Duration::from_secs(args.body_timeout_s),
     });
     let metrics_routes =
         axum::Router::new().route("/metrics", get(move || async move { metrics.encode() }));
@@ -116,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .with_state(app)
-        .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES));
+        // The completion handler reads its body itself, with a deadline and a limit.
+        .layer(axum::extract::DefaultBodyLimit::disable());
     match args.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -124,20 +126,19 @@ async fn main() -> anyhow::Result<()> {
         }
         None => routes = routes.merge(metrics_routes),
     }
-    // Tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm holds them back.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, workers = workers.len(), "router serving");
-    axum::serve(listener, routes)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-        })
-        .await?;
+    let limits = listen::ConnLimits {
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        max_connections: args.max_connections,
+        // Inside the pod's default grace period of 30 s.
+        drain: Duration::from_secs(25),
+    };
+    listen::serve(listener, routes, limits, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    })
+    .await;
     Ok(())
 }

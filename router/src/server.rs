@@ -3,10 +3,8 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -37,6 +35,8 @@ pub struct App {
     pub metrics: RouterMetrics,
     /// Other workers to try after one fails before any token.
     pub max_retries: usize,
+    /// How long a client may take to send its request body.
+    pub body_timeout: Duration,
 }
 
 /// What the generation task tells the response.
@@ -432,16 +432,13 @@ impl Drop for InflightMetric {
     }
 }
 
-pub async fn completions(
-    State(app): State<Arc<App>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn completions(State(app): State<Arc<App>>, body: axum::body::Body) -> Response {
     let start = Instant::now();
-    let body = match body {
+    let body = match api::read_body(body, app.body_timeout).await {
         Ok(b) => b,
-        Err(rejection) => {
+        Err(e) => {
             app.metrics.requests.with_label_values(&["invalid"]).inc();
-            return api::body_refused(&rejection).into_response();
+            return e.into_response();
         }
     };
     let req = match api::parse(&body, &app.limits) {
