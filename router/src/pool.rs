@@ -115,10 +115,15 @@ impl WorkerEntry {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    /// Marks one more request on this worker until the guard drops.
-    pub fn start(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(self.clone())
+    /// Claims one of the worker's in-flight slots until the guard drops, if one is free: the
+    /// check and the increment are one atomic step, so concurrent requests never overshoot.
+    fn try_start(self: &Arc<Self>, max: usize) -> Option<InflightGuard> {
+        self.inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InflightGuard(self.clone()))
     }
 
     /// A transport failure: stop routing here until the next successful status poll.
@@ -133,11 +138,12 @@ impl std::fmt::Debug for WorkerEntry {
     }
 }
 
+#[derive(Debug)]
 pub struct InflightGuard(Arc<WorkerEntry>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -297,27 +303,48 @@ impl Pool {
         Ok(free)
     }
 
+    /// The best candidate by `better` that still has a free slot, with the slot claimed. A
+    /// worker that filled up between the choice and the claim (another request won it) is
+    /// passed over; when every one did, the role is busy.
+    fn claim(
+        &self,
+        role: Role,
+        exclude: &[String],
+        better: impl Fn(&Arc<WorkerEntry>, &Arc<WorkerEntry>) -> std::cmp::Ordering,
+    ) -> Result<(Arc<WorkerEntry>, InflightGuard), PickError> {
+        let mut passed = exclude.to_vec();
+        loop {
+            let best = match self.candidates(role, &passed) {
+                Ok(c) => c
+                    .into_iter()
+                    .max_by(&better)
+                    .expect("candidates are non-empty"),
+                Err(PickError::NoneHealthy(_)) if passed.len() > exclude.len() => {
+                    return Err(PickError::AllBusy(role))
+                }
+                Err(e) => return Err(e),
+            };
+            match best.try_start(self.max_inflight_per_worker) {
+                Some(guard) => return Ok((best, guard)),
+                None => passed.push(best.addr.clone()),
+            }
+        }
+    }
+
     /// Prefill (or unified) worker: the one already holding most of the prompt's leading blocks,
-    /// less its load; a cached block is worth a few queued requests.
+    /// less its load; a cached block is worth a few queued requests. Its slot comes claimed.
     pub fn pick_by_prefix(
         &self,
         role: Role,
         hashes: &[u64],
         exclude: &[String],
-    ) -> Result<Arc<WorkerEntry>, PickError> {
-        let best = self
-            .candidates(role, exclude)?
-            .into_iter()
-            .max_by(|a, b| {
-                let score = |w: &WorkerEntry| {
-                    4.0 * w.recent.lock().expect("lock").matched(hashes) as f64
-                        - w.inflight() as f64
-                };
-                score(a).total_cmp(&score(b))
-            })
-            .expect("candidates are non-empty");
+    ) -> Result<(Arc<WorkerEntry>, InflightGuard), PickError> {
+        let score = |w: &WorkerEntry| {
+            4.0 * w.recent.lock().expect("lock").matched(hashes) as f64 - w.inflight() as f64
+        };
+        let (best, guard) = self.claim(role, exclude, |a, b| score(a).total_cmp(&score(b)))?;
         best.recent.lock().expect("lock").record(hashes);
-        Ok(best)
+        Ok((best, guard))
     }
 
     /// Decode worker: most free KV blocks, preferring the prefill worker's topology domain so the
@@ -326,18 +353,14 @@ impl Pool {
         &self,
         domain: &str,
         exclude: &[String],
-    ) -> Result<Arc<WorkerEntry>, PickError> {
-        let candidates = self.candidates(Role::Decode, exclude)?;
+    ) -> Result<(Arc<WorkerEntry>, InflightGuard), PickError> {
         let key = |w: &Arc<WorkerEntry>| {
             (
                 !domain.is_empty() && self.domain_of(w) == domain,
                 w.free_blocks() - w.inflight() as i64,
             )
         };
-        Ok(candidates
-            .into_iter()
-            .max_by_key(key)
-            .expect("candidates are non-empty"))
+        self.claim(Role::Decode, exclude, |a, b| key(a).cmp(&key(b)))
     }
 }
 
@@ -377,18 +400,18 @@ mod tests {
         let p = pool(&[("http://a:1", Role::Prefill), ("http://b:1", Role::Prefill)]);
         set_status(&p, "http://a:1", "", 0);
         set_status(&p, "http://b:1", "", 0);
-        let first = p.pick_by_prefix(Role::Prefill, &[1, 2, 3], &[]).unwrap();
-        let _busy = first.start();
+        let (first, _busy) = p.pick_by_prefix(Role::Prefill, &[1, 2, 3], &[]).unwrap();
         // Same prefix: the warm worker wins despite one request in flight.
         assert_eq!(
             p.pick_by_prefix(Role::Prefill, &[1, 2, 3], &[])
                 .unwrap()
+                .0
                 .addr,
             first.addr
         );
         // A new prefix goes to the idle one.
         assert_ne!(
-            p.pick_by_prefix(Role::Prefill, &[9], &[]).unwrap().addr,
+            p.pick_by_prefix(Role::Prefill, &[9], &[]).unwrap().0.addr,
             first.addr
         );
     }
@@ -403,11 +426,12 @@ mod tests {
         set_status(&p, "http://x:1", "rack-a", 90);
         set_status(&p, "http://y:1", "rack-b", 0);
         set_status(&p, "http://z:1", "rack-a", 50);
-        assert_eq!(p.pick_decode("rack-a", &[]).unwrap().addr, "http://z:1");
-        assert_eq!(p.pick_decode("rack-c", &[]).unwrap().addr, "http://y:1");
+        assert_eq!(p.pick_decode("rack-a", &[]).unwrap().0.addr, "http://z:1");
+        assert_eq!(p.pick_decode("rack-c", &[]).unwrap().0.addr, "http://y:1");
         assert_eq!(
             p.pick_decode("rack-a", &["http://z:1".into()])
                 .unwrap()
+                .0
                 .addr,
             "http://x:1"
         );
@@ -419,7 +443,7 @@ mod tests {
         // The workers report no domain; the map places them by node.
         set_status(&p, "http://x:1", "", 0);
         set_status(&p, "http://y:1", "", 10);
-        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().addr, "http://x:1");
+        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().0.addr, "http://x:1");
         p.set_node_domains(
             [
                 ("node-http://x:1".to_string(), "rack-1".to_string()),
@@ -427,7 +451,7 @@ mod tests {
             ]
             .into(),
         );
-        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().addr, "http://y:1");
+        assert_eq!(p.pick_decode("rack-7", &[]).unwrap().0.addr, "http://y:1");
     }
 
     #[tokio::test]
@@ -438,11 +462,46 @@ mod tests {
             PickError::NoneHealthy(Role::Unified)
         );
         set_status(&p, "http://a:1", "", 0);
-        let w = p.pick_by_prefix(Role::Unified, &[], &[]).unwrap();
-        let (_g1, _g2) = (w.start(), w.start());
+        let _first = p.pick_by_prefix(Role::Unified, &[], &[]).unwrap();
+        let _second = p.pick_by_prefix(Role::Unified, &[], &[]).unwrap();
         assert_eq!(
             p.pick_by_prefix(Role::Unified, &[], &[]).unwrap_err(),
             PickError::AllBusy(Role::Unified)
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_picks_never_overshoot_the_in_flight_limit() {
+        // Two slots per worker, two workers, 64 threads picking at the same instant, again and
+        // again: never more than four claims held at once.
+        let p = Arc::new(pool(&[
+            ("http://a:1", Role::Unified),
+            ("http://b:1", Role::Unified),
+        ]));
+        set_status(&p, "http://a:1", "", 0);
+        set_status(&p, "http://b:1", "", 0);
+        for _ in 0..50 {
+            let start = Arc::new(std::sync::Barrier::new(64));
+            let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let threads: Vec<_> = (0..64)
+                .map(|_| {
+                    let (p, start, held) = (p.clone(), start.clone(), held.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        if let Ok(claim) = p.pick_by_prefix(Role::Unified, &[], &[]) {
+                            held.lock().unwrap().push(claim);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(held.lock().unwrap().len(), 4);
+            let inflight: usize = p.workers().iter().map(|w| w.inflight()).sum();
+            assert_eq!(inflight, 4);
+            held.lock().unwrap().clear();
+            assert_eq!(p.workers().iter().map(|w| w.inflight()).sum::<usize>(), 0);
+        }
     }
 }

@@ -26,7 +26,7 @@ use tonic::{Code, Status};
 
 use crate::api::{self, ApiError, CompletionRequest, ModelLimits};
 use crate::metrics::{RouterMetrics, TtftSplit, Verdict};
-use crate::pool::{InflightGuard, PickError, Pool};
+use crate::pool::{PickError, Pool};
 use crate::tokenizer;
 
 pub struct App {
@@ -193,15 +193,14 @@ async fn run_unified(
     let mut tried = Vec::new();
     let mut last_refusal = None;
     loop {
-        let worker = match app.pool.pick_by_prefix(Role::Unified, &hashes, &tried) {
-            Ok(w) => w,
+        let (worker, _inflight) = match app.pool.pick_by_prefix(Role::Unified, &hashes, &tried) {
+            Ok(claimed) => claimed,
             Err(e) => {
                 let refused = no_worker_left(e, last_refusal.as_ref());
                 let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
-        let _inflight = worker.start();
         let call = GenerateRequest {
             id: Some(id.to_proto()),
             prompt: req.prompt.clone(),
@@ -241,29 +240,28 @@ async fn run_disaggregated(
     let mut tried_decode = Vec::new();
     let mut last_refusal = None;
     let (decode, mut claim, _decode_inflight, first) = loop {
-        let prefill = match app
+        let (prefill, _p) = match app
             .pool
             .pick_by_prefix(Role::Prefill, &hashes, &tried_prefill)
         {
-            Ok(w) => w,
+            Ok(claimed) => claimed,
             Err(e) => {
                 let refused = no_worker_left(e, last_refusal.as_ref());
                 let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
-        let decode = match app
+        let (decode, d) = match app
             .pool
             .pick_decode(&app.pool.domain_of(&prefill), &tried_decode)
         {
-            Ok(w) => w,
+            Ok(claimed) => claimed,
             Err(e) => {
                 let refused = no_worker_left(e, last_refusal.as_ref());
                 let _ = tx.send(GenEvent::Refused(refused)).await;
                 return;
             }
         };
-        let (_p, d): (InflightGuard, InflightGuard) = (prefill.start(), decode.start());
         let claim = DecodeClaim {
             client: decode.client.clone(),
             id,
