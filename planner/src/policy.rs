@@ -172,6 +172,17 @@ impl Hpa {
     }
 }
 
+/// The prefill backlog in prompts per replica (the queue depth the HPA and the load rule
+/// react to), the mean prompt length remembered from the last window that had arrivals.
+fn queued_prompts_per_replica(mean_prompt: &mut f64, s: &Signals) -> Option<f64> {
+    if let Some(p) = s.demand.and_then(|d| d.mean_prompt_tokens()) {
+        *mean_prompt = p;
+    }
+    s.prefill
+        .backlog_tokens
+        .map(|t| t / *mean_prompt / s.prefill.desired.max(1) as f64)
+}
+
 impl Policy for Hpa {
     fn name(&self) -> &'static str {
         "hpa"
@@ -182,13 +193,7 @@ impl Policy for Hpa {
     }
 
     fn decide(&mut self, s: &Signals) -> Targets {
-        if let Some(p) = s.demand.and_then(|d| d.mean_prompt_tokens()) {
-            self.mean_prompt = p;
-        }
-        let queue = s
-            .prefill
-            .backlog_tokens
-            .map(|t| t / self.mean_prompt / s.prefill.desired.max(1) as f64);
+        let queue = queued_prompts_per_replica(&mut self.mean_prompt, s);
         let prefill = self.one(
             0,
             s.now_s,
@@ -250,13 +255,7 @@ impl Policy for Load {
     }
 
     fn decide(&mut self, s: &Signals) -> Targets {
-        if let Some(p) = s.demand.and_then(|d| d.mean_prompt_tokens()) {
-            self.mean_prompt = p;
-        }
-        let queue = s
-            .prefill
-            .backlog_tokens
-            .map(|t| t / self.mean_prompt / s.prefill.desired.max(1) as f64);
+        let queue = queued_prompts_per_replica(&mut self.mean_prompt, s);
         let prefill = threshold(s.prefill.desired, queue, 5.0, 0.2, self.cfg.prefill);
         let decode = s.decode.as_ref().map(|d| {
             let kv = match (d.kv_tokens_used, d.kv_tokens_per_replica) {

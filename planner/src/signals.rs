@@ -86,6 +86,27 @@ pub struct StepSums {
     pub batch_seconds: f64,
 }
 
+impl StepSums {
+    /// The sums from their rates, in the order of the fields; none while any is missing or no
+    /// step ran (the operator reads them from Prometheus, the simulator from its own counters).
+    pub fn from_rates(rates: [Option<f64>; 5]) -> Option<StepSums> {
+        match rates {
+            [Some(n), Some(batch), Some(seconds), Some(batch_sq), Some(batch_seconds)]
+                if n > 0.0 =>
+            {
+                Some(StepSums {
+                    n,
+                    batch,
+                    seconds,
+                    batch_sq,
+                    batch_seconds,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// One role: its replicas as the cluster has them, and its load as its workers report it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoleSignals {

@@ -208,26 +208,13 @@ fn assemble(v: &PoolView, a: &Answers, now_s: f64) -> Signals {
             (Some(t), Some(b)) if b > 1e-9 && t > 0.0 => Some(t / b),
             _ => None,
         };
-        let steps = match (
+        let steps = StepSums::from_rates([
             r(RoleQ::StepN),
             r(RoleQ::StepBatch),
             r(RoleQ::StepSeconds),
             r(RoleQ::StepBatchSq),
             r(RoleQ::StepBatchSeconds),
-        ) {
-            (Some(n), Some(batch), Some(seconds), Some(batch_sq), Some(batch_seconds))
-                if n > 0.0 =>
-            {
-                Some(StepSums {
-                    n,
-                    batch,
-                    seconds,
-                    batch_sq,
-                    batch_seconds,
-                })
-            }
-            _ => None,
-        };
+        ]);
         RoleSignals {
             busy: r(RoleQ::Busy).map(|b| b / base.ready.max(1) as f64),
             tokens_per_busy_s,

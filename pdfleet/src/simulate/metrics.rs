@@ -246,26 +246,13 @@ impl Scrapes {
             (Some(b), Some(d)) if b > 1e-6 => Some(d / b),
             _ => None,
         };
-        let steps = match (
+        let steps = StepSums::from_rates([
             rate(|e| e.steps),
             rate(|e| e.batch_sum),
             rate(|e| e.step_s_sum),
             rate(|e| e.batch_sq_sum),
             rate(|e| e.batch_step_s_sum),
-        ) {
-            (Some(n), Some(batch), Some(seconds), Some(batch_sq), Some(batch_seconds))
-                if n > 0.0 =>
-            {
-                Some(StepSums {
-                    n,
-                    batch,
-                    seconds,
-                    batch_sq,
-                    batch_seconds,
-                })
-            }
-            _ => None,
-        };
+        ]);
         let ttft_parts = match (
             quant(|e| &e.queue),
             quant(|e| &e.prefill),
